@@ -1,0 +1,136 @@
+"""Fixtures: a private Redis, the fake provider, and real Celery workers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeProvider
+from tests.harness import (
+    ANTHROPIC_TEST_KEY,
+    GOOGLE_TEST_KEY,
+    OPENAI_TEST_KEY,
+    RedisServer,
+    Worker,
+)
+
+_state: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the private Redis before any test module imports the Celery app."""
+    if hasattr(config, "workerinput"):
+        return
+    base = Path(tempfile.mkdtemp(prefix="llmq-test-"))
+    server = RedisServer(base / "redis")
+    _state.update(base=base, redis=server)
+    os.environ["REDIS_URL"] = server.url
+    os.environ["LLMQ_ENV_FILE"] = os.devnull
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(base / "tiktoken")
+    for name in [n for n in os.environ if n.startswith("LLM_") or n.startswith("CELERY_")]:
+        del os.environ[name]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the private Redis."""
+    server = _state.get("redis")
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    """The session's private redis-server."""
+    server: RedisServer = _state["redis"]
+    return server
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Path:
+    """A directory for this run's worker logs and scratch files."""
+    path: Path = _state["base"] / "run"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeProvider]:
+    """The fake provider for the whole session."""
+    server = FakeProvider()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(fake_server: FakeProvider) -> FakeProvider:
+    """The fake provider, reset: no faults, zero counts."""
+    fake_server.reset()
+    return fake_server
+
+
+@pytest.fixture(scope="session")
+def app() -> Any:
+    """The Celery app, configured for the private Redis."""
+    from worker.app import app as celery_app
+
+    return celery_app
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    fake_server: FakeProvider, redis_server: RedisServer, run_dir: Path
+) -> dict[str, str]:
+    """Environment of a worker using the fake provider: openai first, anthropic fallback."""
+    return {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "LLM_PROVIDER": "openai",
+        "LLM_FALLBACKS": "anthropic",
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "GOOGLE_API_KEY": GOOGLE_TEST_KEY,
+        "OPENAI_BASE_URL": f"{fake_server.url}/v1",
+        "ANTHROPIC_BASE_URL": fake_server.url,
+        "GEMINI_BASE_URL": f"{fake_server.url}/gemini/v1beta/openai/",
+        "LLM_TIMEOUT_SECONDS": "5",
+        "LLM_VISIBILITY_TIMEOUT": "30",
+    }
+
+
+StartWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def start_worker(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterator[StartWorker]:
+    """Start workers with extra environment; all are stopped after the test."""
+    started: list[Worker] = []
+
+    def start(concurrency: int = 8, queues: str = "llm,batch", **env: str) -> Worker:
+        worker = Worker({**worker_env, **env}, run_dir, concurrency=concurrency, queues=queues)
+        started.append(worker)
+        return worker.wait_ready(app)
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterator[Worker]:
+    """One worker with the default test environment, shared by the session."""
+    process = Worker(worker_env, run_dir, name=f"main-{uuid.uuid4().hex[:6]}@test")
+    process.wait_ready(app)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def user_id() -> str:
+    """A user id no other test uses, so Redis counters never collide."""
+    return f"user-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,182 @@
+"""Real services for tests: a private redis-server and Celery workers in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+OPENAI_TEST_KEY = "sk-test-llmq-openai-6c1f0b9a"
+ANTHROPIC_TEST_KEY = "sk-ant-test-llmq-3d7e22f1"
+GOOGLE_TEST_KEY = "AIza-test-llmq-9b4c01de"
+TEST_KEYS = (OPENAI_TEST_KEY, ANTHROPIC_TEST_KEY, GOOGLE_TEST_KEY)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy, or fail saying `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on a free port, which tests may kill and restart."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install redis-server")
+        self.binary = binary
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart) the server on the same port and directory."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), timeout=10, what=f"redis-server on {self.port}")
+
+    def stop(self, *, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGKILL to simulate a crash)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        """A fresh client with str responses."""
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+class Worker:
+    """`celery -A worker worker` in a subprocess, with its output in a file."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        concurrency: int = 8,
+        queues: str = "llm,batch",
+        name: str | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.name = name or f"w{uuid.uuid4().hex[:8]}@test"
+        self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
+        self.env = env
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "worker",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                str(concurrency),
+                "-Q",
+                queues,
+                "-n",
+                self.name,
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+                *(extra or []),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, app: Any, timeout: float = 60) -> Worker:
+        """Block until the worker answers a ping (or fail with its log)."""
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start-up:\n{self.output()}")
+            return bool(app.control.ping(destination=[self.name], timeout=0.3))
+
+        wait_for(ready, timeout=timeout, what=f"worker {self.name}", interval=0.1)
+        return self
+
+    def output(self) -> str:
+        """Everything the worker has written so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its threads at once, as a crash would."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Warm shutdown, then SIGKILL if it does not go."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()

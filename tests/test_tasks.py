@@ -1,0 +1,131 @@
+"""llm.complete end to end: producer -> Redis -> real worker -> real SDK -> fake provider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from producer import submit
+from tests.fakes import FakeProvider
+from tests.harness import TEST_KEYS, Worker
+from worker.errors import InvalidJobError, UnknownModelError
+
+PROMPT = "Summarize the plot of the secret novel ZEPHYR-QUILL-77 in two lines."
+
+
+def test_openai_job_returns_usage_and_cost(
+    worker: Worker, fake: FakeProvider, user_id: str
+) -> None:
+    fake.usage = {"input_tokens": 1200, "output_tokens": 300, "cached_input_tokens": 0}
+    result = submit([{"role": "user", "content": PROMPT}], user_id, temperature=0.2).get(timeout=30)
+
+    assert fake.requests("openai") == 1
+    sent = fake.seen[0]
+    assert sent.body["model"] == "gpt-4o-mini"
+    assert sent.body["temperature"] == 0.2
+    assert sent.headers["authorization"] == f"Bearer {TEST_KEYS[0]}"
+    assert result["provider"] == "openai"
+    assert result["text"] == fake.text
+    assert (result["input_tokens"], result["output_tokens"]) == (1200, 300)
+    # gpt-4o-mini: $0.15 in, $0.60 out per 1M tokens.
+    assert result["cost_usd"] == pytest.approx(1200 * 0.15e-6 + 300 * 0.60e-6, abs=1e-12)
+    assert result["finish_reason"] == "stop"
+    assert result["cached"] is False
+    assert result["queue_wait_ms"] is not None and result["queue_wait_ms"] >= 0
+
+
+def test_anthropic_job_returns_usage_and_cost(
+    worker: Worker, fake: FakeProvider, user_id: str
+) -> None:
+    fake.usage = {"input_tokens": 2000, "output_tokens": 100, "cached_input_tokens": 0}
+    messages = [
+        {"role": "system", "content": "Answer tersely."},
+        {"role": "user", "content": PROMPT},
+    ]
+    result = submit(messages, user_id, model="claude-haiku-4-5", temperature=0.0).get(timeout=30)
+
+    assert fake.requests("anthropic") == 1 and fake.requests("openai") == 0
+    sent = fake.seen[0].body
+    assert sent["system"] == "Answer tersely."
+    assert sent["messages"] == [{"role": "user", "content": PROMPT}]
+    assert sent["temperature"] == 0.0
+    headers = fake.seen[0].headers
+    sent_key = headers.get("x-api-key") or headers["authorization"].removeprefix("Bearer ")
+    assert sent_key == TEST_KEYS[1]
+    assert result["provider"] == "anthropic" and result["model"] == "claude-haiku-4-5"
+    # claude-haiku-4-5: $1 in, $5 out per 1M tokens.
+    assert result["cost_usd"] == pytest.approx(2000 * 1e-6 + 100 * 5e-6, abs=1e-12)
+
+
+BAD_JOBS: list[tuple[str, dict[str, Any], str]] = [
+    ("empty messages", {"messages": []}, "messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ("non-string content", {"messages": [{"role": "user", "content": 42}]}, "content"),
+    ("messages not a list", {"messages": "hello"}, "messages"),
+    ("negative max_tokens", {"max_tokens": -5}, "max_tokens"),
+    ("absurd max_tokens", {"max_tokens": 10_000_000}, "max_tokens"),
+    ("over model max output", {"max_tokens": 100_000}, "maximum output"),
+    ("unknown model", {"model": "gpt-17-ultra"}, "Unknown model 'gpt-17-ultra'"),
+    ("temperature out of range", {"temperature": 9}, "temperature"),
+    ("blank user_id", {"user_id": "  "}, "user_id"),
+    ("no user turn", {"messages": [{"role": "system", "content": "x"}]}, "role 'user'"),
+    ("unexpected option", {"temprature": 0.5}, "temprature"),
+    ("missing content", {"messages": [{"role": "user"}]}, "content"),
+]
+
+
+@pytest.mark.parametrize(("case", "override", "needle"), BAD_JOBS, ids=[c[0] for c in BAD_JOBS])
+def test_bad_input_fails_typed_with_no_provider_call(
+    worker: Worker,
+    fake: FakeProvider,
+    app: Any,
+    user_id: str,
+    case: str,
+    override: dict[str, Any],
+    needle: str,
+) -> None:
+    job: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}], "user_id": user_id}
+    job.update(override)
+    result = app.send_task("llm.complete", kwargs=job)
+    with pytest.raises(InvalidJobError) as raised:
+        result.get(timeout=30)
+    assert needle in str(raised.value)
+    assert result.state == "FAILURE"
+    assert fake.requests() == 0
+    if case == "unknown model":
+        assert isinstance(raised.value, UnknownModelError)
+        assert "LLM_PRICES_FILE" in str(raised.value)
+
+
+def test_worker_survives_bad_input(worker: Worker, fake: FakeProvider, user_id: str) -> None:
+    bad = submit([{"role": "user", "content": 1}], user_id)  # type: ignore[dict-item]
+    good = submit([{"role": "user", "content": PROMPT}], user_id)
+    with pytest.raises(InvalidJobError):
+        bad.get(timeout=30)
+    assert good.get(timeout=30)["text"] == fake.text
+    assert worker.process.poll() is None
+
+
+def test_prompt_never_in_worker_log_or_task_repr(
+    worker: Worker, fake: FakeProvider, app: Any, user_id: str
+) -> None:
+    from worker.tasks import complete
+
+    good = submit([{"role": "user", "content": PROMPT}], user_id)
+    good.get(timeout=30)
+    via_delay = complete.delay(messages=[{"role": "user", "content": PROMPT}], user_id=user_id)
+    via_delay.get(timeout=30)
+    bad = submit([{"role": "wizard", "content": PROMPT}], user_id)
+    with pytest.raises(InvalidJobError) as raised:
+        bad.get(timeout=30)
+
+    assert PROMPT not in str(raised.value)
+    log = worker.output()
+    assert f"{good.id}] received" in log and f"{via_delay.id}] received" in log
+    assert "ZEPHYR" not in log
+    assert "<1 messages sha256:" in log
+    for key in TEST_KEYS:
+        assert key not in log
+    # The result backend keeps the result only, not the job's arguments.
+    assert "ZEPHYR" not in str(app.backend.get_task_meta(good.id))

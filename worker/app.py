@@ -1,0 +1,130 @@
+"""The Celery application: JSON only, late acks, short visibility timeout, events on."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from celery import Celery, signals
+
+from worker.settings import Settings, get_settings
+
+QUEUE = "llm"
+BATCH_QUEUE = "batch"
+SENT_AT_HEADER = "llmq_sent_at"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options shared by the broker and the result backend."""
+    options: dict[str, Any] = {
+        # A SIGKILLed worker's unacked jobs run again after this many seconds
+        # (kombu's default is an hour); jobs must finish well within it.
+        "visibility_timeout": settings.visibility_timeout,
+        # Sweep for abandoned messages every few seconds instead of kombu's
+        # 10 s x 10 throttle, so redelivery is bounded by the timeout above.
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+        "health_check_interval": 10,
+    }
+    if settings.broker.startswith("sentinel://") or settings.backend.startswith("sentinel://"):
+        options["master_name"] = settings.sentinel_master
+    return options
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """Verify TLS certificates for rediss:// unless the URL says otherwise."""
+    if not url.startswith("rediss://") or "ssl_cert_reqs" in url:
+        return None
+    import ssl
+
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply llmq's Celery configuration from `settings`."""
+    options = transport_options(settings)
+    app.conf.update(
+        broker_url=settings.broker,
+        result_backend=settings.backend,
+        broker_transport_options=options,
+        result_backend_transport_options=options,
+        broker_use_ssl=ssl_options(settings.broker),
+        redis_backend_use_ssl=ssl_options(settings.backend),
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # JSON only: pickle would let anyone who can write to Redis run code.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A job is acknowledged after it finishes, and redelivered if its worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # LLM calls wait on HTTP: threads, many of them.
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        result_expires=settings.result_expires,
+        task_default_queue=QUEUE,
+        task_routes={"llm.complete": {"queue": QUEUE}, "llm.batch.*": {"queue": BATCH_QUEUE}},
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+    )
+
+
+app = Celery("llmq", include=["worker.tasks"])
+configure(app, get_settings())
+
+
+def _stamp_and_redact(body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Record when a job was sent, and keep its prompt out of worker logs and Flower.
+
+    Every way of sending (send_task, delay, apply_async) passes through here, so
+    the repr Celery shows of a job is always the redacted one.
+    """
+    if headers is None:
+        return
+    headers.setdefault(SENT_AT_HEADER, time.time())
+    if str(headers.get("task", "")).startswith("llm."):
+        from worker.redact import job_repr
+
+        kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
+        headers["argsrepr"] = "()"
+        headers["kwargsrepr"] = job_repr(kwargs if isinstance(kwargs, dict) else {})
+
+
+def _json_logging(**_: Any) -> None:
+    """Celery's own output, like ours, as JSON lines (connecting here stops Celery's setup)."""
+    from worker import logs
+
+    settings = get_settings()
+    secrets = [
+        key.get_secret_value()
+        for key in (settings.openai_api_key, settings.anthropic_api_key, settings.google_api_key)
+        if key is not None
+    ]
+    logs.configure(level=settings.log_level, secrets=secrets)
+
+
+def _check_settings(**_: Any) -> None:
+    """Fail at start-up, not mid-request, when the configuration cannot work."""
+    from worker.tasks import pipeline
+
+    try:
+        get_settings().check_worker_ready()
+        pipeline().warm()
+    except Exception as exc:
+        print(f"llmq worker cannot start: {exc}", file=sys.stderr, flush=True)
+        # Celery's signal dispatch logs and swallows exceptions; SystemExit gets through.
+        raise SystemExit(78) from None
+
+
+signals.before_task_publish.connect(_stamp_and_redact)
+signals.setup_logging.connect(_json_logging)
+signals.worker_init.connect(_check_settings)

@@ -1,0 +1,45 @@
+"""Redis connections for llmq's own keys (limits, cache, spend, metrics)."""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+from urllib.parse import unquote, urlparse
+
+import redis
+from redis.sentinel import Sentinel
+
+from worker.settings import Settings
+
+_clients: dict[tuple[str, str], redis.Redis] = {}
+_lock = threading.Lock()
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The process-wide client for REDIS_URL (redis://, rediss://, unix:// or sentinel://)."""
+    key = (settings.redis_url, settings.sentinel_master)
+    with _lock:
+        if key not in _clients:
+            _clients[key] = connect(settings.redis_url, sentinel_master=settings.sentinel_master)
+        return _clients[key]
+
+
+def connect(url: str, *, sentinel_master: str = "mymaster") -> redis.Redis:
+    """A new client for `url`; sentinel URLs list hosts separated by ';' as kombu does."""
+    options = {"health_check_interval": 10, "socket_keepalive": True, "retry_on_timeout": True}
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(url, decode_responses=True, **options)
+    hosts: list[tuple[str, int]] = []
+    password = None
+    db = 0
+    for part in url.split(";"):
+        parsed = urlparse(part.strip())
+        hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
+        password = unquote(parsed.password) if parsed.password else password
+        if parsed.path.strip("/").isdigit():
+            db = int(parsed.path.strip("/"))
+    sentinel = Sentinel(hosts, socket_timeout=5, password=password)  # type: ignore[no-untyped-call]
+    master = sentinel.master_for(  # type: ignore[no-untyped-call]
+        sentinel_master, db=db, password=password, decode_responses=True, **options
+    )
+    return cast(redis.Redis, master)

@@ -1,0 +1,98 @@
+"""One exception class per failure kind.
+
+Every class takes a single message argument so Celery's JSON result backend can
+rebuild it on the producer side (it stores the class name, module and args).
+"""
+
+from __future__ import annotations
+
+
+class LLMQError(Exception):
+    """Base class of every error llmq raises on purpose."""
+
+
+class ConfigurationError(LLMQError):
+    """Settings are missing or invalid; raised at start-up."""
+
+
+class InvalidJobError(LLMQError):
+    """The job's input is invalid; it was rejected before any provider call."""
+
+
+class UnknownModelError(InvalidJobError):
+    """The job names a model with no price or context window on record."""
+
+
+class BudgetExceededError(LLMQError):
+    """The job's estimated cost is over a per-request or per-user budget."""
+
+
+class ContextWindowExceededError(InvalidJobError):
+    """The prompt plus max_tokens does not fit the model's context window."""
+
+
+class RateLimitedError(LLMQError):
+    """A global rate limit rejected the job."""
+
+
+class TruncatedResponseError(LLMQError):
+    """The provider stopped at max_tokens and the job's policy is to fail."""
+
+
+class ProviderError(LLMQError):
+    """A provider call failed; `transient` says whether a retry may succeed."""
+
+    transient = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RateLimitedByProviderError(ProviderError):
+    """The provider answered 429."""
+
+    transient = True
+
+
+class ProviderUnavailableError(ProviderError):
+    """The provider answered 408, 409, 5xx or 529 (overloaded)."""
+
+    transient = True
+
+
+class ProviderTimeoutError(ProviderError):
+    """The call ran past its timeout."""
+
+    transient = True
+
+
+class ProviderConnectionError(ProviderError):
+    """The provider could not be reached."""
+
+    transient = True
+
+
+class AuthenticationError(ProviderError):
+    """The provider refused the API key (401/403); retrying cannot help."""
+
+
+class ProviderRequestError(ProviderError):
+    """The provider rejected the request (400/404/422); retrying cannot help."""
+
+
+class MalformedResponseError(ProviderError):
+    """The provider answered with something that is not a usable completion."""
+
+
+class AllProvidersFailedError(LLMQError):
+    """Every provider in the chain failed; the message lists each last error."""

@@ -1,0 +1,80 @@
+"""Structured JSON logs: one `llm_call` record per attempt, one `llm_job` per job."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+call_logger = logging.getLogger("llmq.calls")
+job_logger = logging.getLogger("llmq.jobs")
+logger = logging.getLogger("llmq")
+
+TRUNCATED_ALERT = "TRUNCATED_RESPONSE"
+
+
+class UTCJsonFormatter(JsonFormatter):
+    """JSON lines with an ISO 8601 UTC `timestamp`."""
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        """Put timestamp, level and logger first, then the record's fields."""
+        log_data["timestamp"] = datetime.fromtimestamp(record.created, UTC).isoformat(
+            timespec="milliseconds"
+        )
+        log_data["level"] = record.levelname
+        log_data["logger"] = record.name
+        super().add_fields(log_data, record, message_dict)
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces any configured secret that reaches a record with `***`."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 6]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Scrub the message, its args and any formatted traceback."""
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        scrubbed = self._scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, ()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self._scrub(text)
+            record.exc_info = None
+        return True
+
+    def _scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def configure(*, level: str = "INFO", secrets: list[str] | None = None) -> None:
+    """Send every log record, Celery's included, to stderr as one JSON line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UTCJsonFormatter("%(message)s"))
+    handler.addFilter(RedactSecrets(secrets or []))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def log_call(**fields: Any) -> None:
+    """One provider attempt."""
+    level = logging.ERROR if fields.get("error_kind") == "AuthenticationError" else logging.INFO
+    call_logger.log(level, "llm_call", extra={"event": "llm_call", **fields})
+
+
+def log_job(**fields: Any) -> None:
+    """One finished (or failed) job."""
+    level = logging.WARNING if fields.get("error") or fields.get("alert") else logging.INFO
+    job_logger.log(level, "llm_job", extra={"event": "llm_job", **fields})

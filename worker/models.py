@@ -1,0 +1,109 @@
+"""Typed public models: the job a producer sends and the result a worker returns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
+
+# Far above any model's output limit; anything larger is a typo, not a request.
+MAX_TOKENS_CEILING = 200_000
+MAX_MESSAGES = 1_000
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: StrictStr
+
+
+class CompletionJob(BaseModel):
+    """The keyword arguments of `llm.complete`, validated before anything else runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    user_id: StrictStr = Field(min_length=1, max_length=200)
+    model: StrictStr | None = Field(None, min_length=1, max_length=200)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
+    request_id: StrictStr = Field(
+        default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_turn(cls, messages: list[Message]) -> list[Message]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("at least one message must have role 'user'")
+        if all(not m.content.strip() for m in messages if m.role == "user"):
+            raise ValueError("every 'user' message is empty; send the text to complete")
+        return messages
+
+    @field_validator("user_id")
+    @classmethod
+    def _user_id_printable(cls, user_id: str) -> str:
+        if not user_id.strip() or not user_id.isprintable():
+            raise ValueError("must be a non-blank printable string")
+        return user_id
+
+    def prompt_hash(self) -> str:
+        """sha256 of the canonical JSON of the messages: stable across processes."""
+        return prompt_hash(self.messages)
+
+
+def prompt_hash(messages: list[Message]) -> str:
+    """sha256 of the canonical JSON of `messages`."""
+    canonical = json.dumps(
+        [m.model_dump() for m in messages],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class Usage(BaseModel):
+    """Token usage as the provider reported it."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+
+
+class Completion(BaseModel):
+    """A provider's answer, normalized across providers."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+
+
+class CompletionResult(BaseModel):
+    """What `llm.complete` returns (dumped to a dict in the result backend)."""
+
+    request_id: str
+    text: str
+    provider: str
+    model: str
+    finish_reason: FinishReason
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    cost_usd: float
+    latency_ms: float
+    queue_wait_ms: float | None = None
+    cached: bool = False
+    truncated: bool = False
+    attempts: int = 1
+    messages_dropped: int = 0

@@ -1,0 +1,174 @@
+"""The completion pipeline: every job runs these steps, top to bottom, from here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker import logs, tokens
+from worker.errors import InvalidJobError, LLMQError
+from worker.guard import CostGuard, Estimate
+from worker.models import CompletionJob, CompletionResult
+from worker.prices import load_prices
+from worker.providers import ProviderRequest, get_provider
+from worker.resilience import Attempt, Target, call_chain
+from worker.settings import ProviderName, Settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobContext:
+    """What the queue knows about a job that its arguments do not say."""
+
+    task_id: str | None = None
+    queue_wait_ms: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One provider and model that may serve the job, already priced."""
+
+    provider: ProviderName
+    estimate: Estimate
+
+
+def validate(raw: dict[str, Any]) -> CompletionJob:
+    """Step 1: the job's arguments as a typed model, or InvalidJobError saying what to fix."""
+    try:
+        return CompletionJob.model_validate(raw)
+    except ValidationError as exc:
+        # Input values are left out on purpose: they may be prompt text.
+        problems = [
+            f"{'.'.join(str(p) for p in error['loc']) or 'job'}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise InvalidJobError(
+            f"Invalid llm.complete job ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems)
+        ) from None
+
+
+class Pipeline:
+    """Validates, guards, calls and records one completion job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prices = load_prices(settings.prices_file)
+        self.guard = CostGuard(self.prices, max_cost_per_request=settings.max_cost_per_request)
+
+    def warm(self) -> None:
+        """Check every chain model is priced, build the providers, load the encoding."""
+        for provider in self.settings.chain:
+            self.prices.get(self.settings.model_for(provider))
+            get_provider(provider, self.settings)
+        tokens.get_encoding("o200k_base")
+
+    def complete(self, raw: dict[str, Any], *, context: JobContext) -> CompletionResult:
+        """Run one job through every step and return its result."""
+        started = time.perf_counter()
+        job = validate(raw)
+        candidates = self.plan(job)
+        temperature = self.settings.temperature if job.temperature is None else job.temperature
+
+        def record(attempt: Attempt) -> None:
+            usage = attempt.completion.usage if attempt.completion else None
+            logs.log_call(
+                request_id=job.request_id,
+                task_id=context.task_id,
+                user_id=job.user_id,
+                provider=attempt.provider,
+                model=attempt.model,
+                attempt=attempt.number,
+                input_tokens=usage.input_tokens if usage else None,
+                output_tokens=usage.output_tokens if usage else None,
+                latency_ms=round(attempt.latency_ms, 3),
+                finish_reason=attempt.completion.finish_reason if attempt.completion else None,
+                error=str(attempt.error) if attempt.error else None,
+                error_kind=type(attempt.error).__name__ if attempt.error else None,
+                prompt_hash=job.prompt_hash(),
+            )
+
+        targets: list[Target] = [
+            (
+                get_provider(c.provider, self.settings),
+                ProviderRequest(
+                    messages=job.messages,
+                    model=c.estimate.model,
+                    max_tokens=c.estimate.max_output_tokens,
+                    temperature=temperature,
+                    timeout=self.settings.timeout_seconds,
+                ),
+            )
+            for c in candidates
+        ]
+        outcome = call_chain(targets, on_attempt=record)
+        served = next(c for c in candidates if c.provider == outcome.provider)
+        cost = served.estimate.price.cost(outcome.completion.usage)
+        result = CompletionResult(
+            request_id=job.request_id,
+            text=outcome.completion.text,
+            provider=outcome.provider,
+            model=outcome.model,
+            finish_reason=outcome.completion.finish_reason,
+            input_tokens=outcome.completion.usage.input_tokens,
+            output_tokens=outcome.completion.usage.output_tokens,
+            cached_input_tokens=outcome.completion.usage.cached_input_tokens,
+            cost_usd=float(round(cost, 10)),
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            queue_wait_ms=context.queue_wait_ms,
+            attempts=len(outcome.attempts),
+            truncated=outcome.completion.finish_reason == "length",
+        )
+        logs.log_job(
+            request_id=job.request_id,
+            task_id=context.task_id,
+            user_id=job.user_id,
+            provider=result.provider,
+            model=result.model,
+            attempt=result.attempts,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost_usd=result.cost_usd,
+            latency_ms=result.latency_ms,
+            queue_wait_ms=context.queue_wait_ms,
+            finish_reason=result.finish_reason,
+            cached=result.cached,
+            error=None,
+            prompt_hash=job.prompt_hash(),
+            **({"alert": logs.TRUNCATED_ALERT} if result.truncated else {}),
+        )
+        return result
+
+    def plan(self, job: CompletionJob) -> list[Candidate]:
+        """Step 2: the providers to try, in order, each priced by the cost guard."""
+        chain = list(self.settings.chain)
+        if job.model is not None:
+            owner = self.prices.get(job.model).provider
+            if owner not in chain:
+                raise InvalidJobError(
+                    f"Model {job.model!r} is served by provider {owner!r}, which is not "
+                    f"configured (chain: {', '.join(chain)}). Fix: set LLM_PROVIDER or "
+                    f"LLM_FALLBACKS to include {owner!r}, or pick a model of "
+                    f"{', '.join(chain)}."
+                )
+            chain.sort(key=lambda name: name != owner)
+        candidates: list[Candidate] = []
+        for position, provider in enumerate(chain):
+            model = job.model if position == 0 and job.model else self.settings.model_for(provider)
+            try:
+                max_tokens = self.guard.output_budget(
+                    model,
+                    job.max_tokens if position == 0 else None,
+                    job.max_tokens or self.settings.max_tokens,
+                )
+                estimate = self.guard.check(job.messages, model=model, max_tokens=max_tokens)
+            except LLMQError as exc:
+                if position == 0:
+                    raise
+                # A fallback that cannot take this job is skipped, not fatal.
+                logs.logger.warning("fallback %s skipped: %s", provider, exc)
+                continue
+            candidates.append(Candidate(provider=provider, estimate=estimate))
+        return candidates

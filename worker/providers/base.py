@@ -1,0 +1,94 @@
+"""The interface every provider implements, and the helpers they share."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.errors import (
+    AuthenticationError,
+    ProviderError,
+    ProviderRequestError,
+    ProviderUnavailableError,
+    RateLimitedByProviderError,
+)
+from worker.models import Completion, Message
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderRequest:
+    """One call to a provider: already validated, already priced."""
+
+    messages: list[Message]
+    model: str
+    max_tokens: int
+    temperature: float
+    timeout: float
+
+
+class Provider(Protocol):
+    """Something that turns a request into a normalized completion."""
+
+    name: str
+
+    def complete(self, request: ProviderRequest) -> Completion:
+        """Make the call; raise a ProviderError subclass on failure."""
+        ...
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, then `Retry-After`."""
+    if not headers:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def error_for_status(
+    status: int, message: str, *, provider: str, headers: Mapping[str, str] | None = None
+) -> ProviderError:
+    """The typed error for an HTTP status from a provider."""
+    retry_after = retry_after_seconds(headers)
+    text = f"{provider} answered HTTP {status}: {message}"
+    if status == 429:
+        return RateLimitedByProviderError(
+            text, provider=provider, status=status, retry_after=retry_after
+        )
+    if status in (408, 409) or status >= 500:
+        return ProviderUnavailableError(
+            text, provider=provider, status=status, retry_after=retry_after
+        )
+    if status in (401, 403):
+        return AuthenticationError(text, provider=provider, status=status)
+    return ProviderRequestError(text, provider=provider, status=status)
+
+
+def short(text: object, limit: int = 300) -> str:
+    """A one-line excerpt of an error body, for messages and logs."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_message(body: object) -> str | None:
+    """The human message inside a provider's JSON error body."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return str(inner.get("message") or inner)
+        return str(inner)
+    return None

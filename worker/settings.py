@@ -1,0 +1,187 @@
+"""All configuration, read once from the environment and `.env`."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.errors import ConfigurationError
+
+ProviderName = Literal["openai", "anthropic", "gemini", "extractive"]
+PROVIDERS: tuple[ProviderName, ...] = ("openai", "anthropic", "gemini", "extractive")
+
+# Which variable holds each provider's key; `extractive` runs offline and needs none.
+API_KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GOOGLE_API_KEY",
+}
+
+GEMINI_OPENAI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every llmq setting; field aliases are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=os.environ.get("LLMQ_ENV_FILE", ".env"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,
+    )
+
+    # Providers
+    provider: ProviderName = Field("extractive", validation_alias=_env("LLM_PROVIDER"))
+    fallbacks: Annotated[list[ProviderName], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("LLM_FALLBACKS")
+    )
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    anthropic_api_key: SecretStr | None = Field(None, validation_alias=_env("ANTHROPIC_API_KEY"))
+    google_api_key: SecretStr | None = Field(None, validation_alias=_env("GOOGLE_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    anthropic_base_url: str | None = Field(None, validation_alias=_env("ANTHROPIC_BASE_URL"))
+    gemini_base_url: str = Field(GEMINI_OPENAI_BASE_URL, validation_alias=_env("GEMINI_BASE_URL"))
+
+    # Models: LLM_MODEL overrides the primary provider's model; fallbacks use their own.
+    model: str | None = Field(None, validation_alias=_env("LLM_MODEL"))
+    openai_model: str = Field("gpt-4o-mini", validation_alias=_env("LLM_OPENAI_MODEL"))
+    anthropic_model: str = Field("claude-haiku-4-5", validation_alias=_env("LLM_ANTHROPIC_MODEL"))
+    gemini_model: str = Field("gemini-2.0-flash", validation_alias=_env("LLM_GEMINI_MODEL"))
+
+    # Request defaults
+    max_tokens: int = Field(2048, ge=1, le=200_000, validation_alias=_env("LLM_MAX_TOKENS"))
+    temperature: float = Field(0.7, ge=0.0, le=2.0, validation_alias=_env("LLM_TEMPERATURE"))
+    timeout_seconds: float = Field(30.0, gt=0, le=600, validation_alias=_env("LLM_TIMEOUT_SECONDS"))
+
+    # Cost
+    max_cost_per_request: float = Field(
+        0.10, gt=0, validation_alias=_env("LLM_MAX_COST_PER_REQUEST")
+    )
+    prices_file: str | None = Field(None, validation_alias=_env("LLM_PRICES_FILE"))
+
+    # Redis, Celery
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
+    broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+    result_backend: str | None = Field(None, validation_alias=_env("CELERY_RESULT_BACKEND"))
+    sentinel_master: str = Field("mymaster", validation_alias=_env("REDIS_SENTINEL_MASTER"))
+    visibility_timeout: int = Field(
+        90, ge=5, le=3600, validation_alias=_env("LLM_VISIBILITY_TIMEOUT")
+    )
+    result_expires: int = Field(86_400, ge=60, validation_alias=_env("LLM_RESULT_EXPIRES"))
+    worker_concurrency: int = Field(
+        32, ge=1, le=1000, validation_alias=_env("LLM_WORKER_CONCURRENCY")
+    )
+    task_rate_limit: str | None = Field(None, validation_alias=_env("LLM_TASK_RATE_LIMIT"))
+
+    # Logs
+    log_prompts: bool = Field(False, validation_alias=_env("LLM_LOG_PROMPTS"))
+    log_level: str = Field("INFO", validation_alias=_env("LLM_LOG_LEVEL"))
+
+    @field_validator("fallbacks", mode="before")
+    @classmethod
+    def _split_fallbacks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        schemes = ("redis://", "rediss://", "sentinel://", "unix://")
+        if not value.startswith(schemes):
+            raise ValueError(
+                f"must start with one of {', '.join(schemes)} "
+                "(for example redis://localhost:6379/0)"
+            )
+        return value
+
+    @property
+    def chain(self) -> list[ProviderName]:
+        """The primary provider followed by the fallbacks, without repeats."""
+        seen: list[ProviderName] = []
+        for name in [self.provider, *self.fallbacks]:
+            if name not in seen:
+                seen.append(name)
+        return seen
+
+    def model_for(self, provider: ProviderName) -> str:
+        """The default model a provider serves when a job names none."""
+        if provider == self.provider and self.model:
+            return self.model
+        return {
+            "openai": self.openai_model,
+            "anthropic": self.anthropic_model,
+            "gemini": self.gemini_model,
+            "extractive": "extractive",
+        }[provider]
+
+    def api_key(self, provider: ProviderName) -> SecretStr | None:
+        """The configured key for a provider, or None."""
+        return {
+            "openai": self.openai_api_key,
+            "anthropic": self.anthropic_api_key,
+            "gemini": self.google_api_key,
+        }.get(provider)
+
+    @property
+    def broker(self) -> str:
+        """The broker URL: CELERY_BROKER_URL or REDIS_URL."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        """The result backend URL: CELERY_RESULT_BACKEND or REDIS_URL."""
+        return self.result_backend or self.redis_url
+
+    def check_worker_ready(self) -> None:
+        """Fail fast unless every provider in the chain has what it needs to run."""
+        problems = []
+        for name in self.chain:
+            env = API_KEY_ENV.get(name)
+            key = self.api_key(name)
+            if env and (key is None or not key.get_secret_value().strip()):
+                problems.append(
+                    f"{env} is not set, but provider '{name}' is in the chain "
+                    f"(LLM_PROVIDER={self.provider}, LLM_FALLBACKS={','.join(self.fallbacks)}). "
+                    f"Fix: export {env}=<your key>, or remove '{name}' from the chain."
+                )
+        if problems:
+            raise ConfigurationError("Invalid llmq configuration:\n  " + "\n  ".join(problems))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning pydantic's report into one message per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            info = Settings.model_fields.get(field)
+            alias = info.validation_alias if info else None
+            env = alias.choices[0] if isinstance(alias, AliasChoices) else field
+            value = error.get("input")
+            shown = "<hidden>" if "KEY" in str(env) else repr(value)
+            lines.append(f"{env}={shown}: {error['msg']}")
+        raise ConfigurationError(
+            "Invalid llmq configuration:\n  "
+            + "\n  ".join(lines)
+            + "\nFix the variables above in the environment or in .env (see .env.example)."
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use."""
+    return load_settings()

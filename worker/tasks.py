@@ -1,0 +1,44 @@
+"""Celery tasks: thin wrappers that hand each job to the pipeline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import celery.app.trace
+from celery import Task
+
+from worker.app import SENT_AT_HEADER, app
+from worker.errors import LLMQError
+from worker.pipeline import JobContext, Pipeline
+from worker.settings import get_settings
+
+# Celery logs each task's return value on success; ours holds completion text.
+celery.app.trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+_pipeline: Pipeline | None = None
+_pipeline_lock = threading.Lock()
+
+
+def pipeline() -> Pipeline:
+    """The process-wide pipeline, built on first use."""
+    global _pipeline
+    with _pipeline_lock:
+        if _pipeline is None:
+            _pipeline = Pipeline(get_settings())
+        return _pipeline
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name="llm.complete",
+    bind=True,
+    throws=(LLMQError,),
+    rate_limit=get_settings().task_rate_limit,
+)
+def complete(self: Task, **job: Any) -> dict[str, Any]:
+    """Run one completion job; returns the CompletionResult as a dict."""
+    sent_at = getattr(self.request, SENT_AT_HEADER, None)
+    wait = round((time.time() - float(sent_at)) * 1000, 3) if sent_at else None
+    context = JobContext(task_id=self.request.id, queue_wait_ms=wait)
+    return pipeline().complete(job, context=context).model_dump()
