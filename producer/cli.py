@@ -92,6 +92,15 @@ def parser() -> argparse.ArgumentParser:
     summarize.add_argument("--words", type=int, default=60)
     summarize.add_argument("--timeout", type=float, default=300.0)
     summarize.set_defaults(run=_summarize)
+
+    # cost (cost issue)
+
+    # limits (rate-limit issue)
+
+    # cache (cache issue)
+
+    # health (observability issue)
+
     return root
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ from worker.guard import CostGuard, Estimate
 from worker.models import CompletionJob, CompletionResult
 from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
-from worker.resilience import Attempt, Target, call_chain
+from worker.reservations import Reservations
+from worker.resilience import Attempt, Outcome, Target, call_chain
 from worker.settings import ProviderName, Settings
 
 
@@ -34,7 +37,22 @@ class Candidate:
     estimate: Estimate
 
 
-def validate(raw: dict[str, Any]) -> CompletionJob:
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A validated job with everything decided before the first call."""
+
+    job: CompletionJob
+    candidates: list[Candidate]
+    temperature: float
+    prompt_hash: str
+
+    @property
+    def primary(self) -> Candidate:
+        """The candidate tried first."""
+        return self.candidates[0]
+
+
+def validate(raw: dict[str, Any], *, context: JobContext | None = None) -> CompletionJob:
     """Step 1: the job's arguments as a typed model, or InvalidJobError saying what to fix."""
     try:
         return CompletionJob.model_validate(raw)
@@ -44,10 +62,20 @@ def validate(raw: dict[str, Any]) -> CompletionJob:
             f"{'.'.join(str(p) for p in error['loc']) or 'job'}: {error['msg']}"
             for error in exc.errors()
         ]
-        raise InvalidJobError(
+        error = InvalidJobError(
             f"Invalid llm.complete job ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems)
-        ) from None
+        )
+        logs.log_job(
+            request_id=raw.get("request_id") if isinstance(raw.get("request_id"), str) else None,
+            task_id=context.task_id if context else None,
+            user_id=raw.get("user_id") if isinstance(raw.get("user_id"), str) else None,
+            cost_usd=0.0,
+            cached=False,
+            error=str(error),
+            error_kind=type(error).__name__,
+        )
+        raise error from None
 
 
 class Pipeline:
@@ -68,9 +96,41 @@ class Pipeline:
     def complete(self, raw: dict[str, Any], *, context: JobContext) -> CompletionResult:
         """Run one job through every step and return its result."""
         started = time.perf_counter()
-        job = validate(raw)
-        candidates = self.plan(job)
-        temperature = self.settings.temperature if job.temperature is None else job.temperature
+        job = validate(raw, context=context)  # 1. validate
+        try:
+            plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
+            with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
+                outcome = self.call(plan, context)  # 5. provider chain
+                result = self.result(plan, outcome, context, started)
+                reservations.settle(result)
+        except LLMQError as exc:
+            self.log_job(job, context, error=exc, started=started)
+            raise
+        self.log_job(job, context, result=result, started=started)  # 6. logs
+        return result  # 7. the result backend stores it
+
+    def plan(self, job: CompletionJob) -> Plan:
+        """Step 2: the providers to try, in order, each priced by the cost guard."""
+        return Plan(
+            job=job,
+            candidates=self.candidates(job),
+            temperature=self.settings.temperature if job.temperature is None else job.temperature,
+            prompt_hash=job.prompt_hash(),
+        )
+
+    @contextmanager
+    def reserve(self, plan: Plan) -> Iterator[Reservations]:
+        """Steps 2-3: hold the worst case against budgets and limits; release on failure."""
+        held = Reservations()
+        try:
+            yield held
+        except BaseException:
+            held.release()
+            raise
+
+    def call(self, plan: Plan, context: JobContext) -> Outcome:
+        """Step 5: the provider chain, every attempt logged."""
+        job = plan.job
 
         def record(attempt: Attempt) -> None:
             usage = attempt.completion.usage if attempt.completion else None
@@ -87,7 +147,7 @@ class Pipeline:
                 finish_reason=attempt.completion.finish_reason if attempt.completion else None,
                 error=str(attempt.error) if attempt.error else None,
                 error_kind=type(attempt.error).__name__ if attempt.error else None,
-                prompt_hash=job.prompt_hash(),
+                prompt_hash=plan.prompt_hash,
             )
 
         targets: list[Target] = [
@@ -97,52 +157,69 @@ class Pipeline:
                     messages=job.messages,
                     model=c.estimate.model,
                     max_tokens=c.estimate.max_output_tokens,
-                    temperature=temperature,
+                    temperature=plan.temperature,
                     timeout=self.settings.timeout_seconds,
                 ),
             )
-            for c in candidates
+            for c in plan.candidates
         ]
-        outcome = call_chain(targets, on_attempt=record)
-        served = next(c for c in candidates if c.provider == outcome.provider)
-        cost = served.estimate.price.cost(outcome.completion.usage)
-        result = CompletionResult(
-            request_id=job.request_id,
+        return call_chain(targets, on_attempt=record)
+
+    def result(
+        self, plan: Plan, outcome: Outcome, context: JobContext, started: float
+    ) -> CompletionResult:
+        """Step 7: the result, priced from the usage the provider reported."""
+        served = next(c for c in plan.candidates if c.provider == outcome.provider)
+        usage = outcome.completion.usage
+        return CompletionResult(
+            request_id=plan.job.request_id,
             text=outcome.completion.text,
             provider=outcome.provider,
             model=outcome.model,
             finish_reason=outcome.completion.finish_reason,
-            input_tokens=outcome.completion.usage.input_tokens,
-            output_tokens=outcome.completion.usage.output_tokens,
-            cached_input_tokens=outcome.completion.usage.cached_input_tokens,
-            cost_usd=float(round(cost, 10)),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cost_usd=float(round(served.estimate.price.cost(usage), 10)),
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             queue_wait_ms=context.queue_wait_ms,
             attempts=len(outcome.attempts),
             truncated=outcome.completion.finish_reason == "length",
         )
+
+    def log_job(
+        self,
+        job: CompletionJob,
+        context: JobContext,
+        *,
+        started: float,
+        result: CompletionResult | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Step 6: one `llm_job` record per job, failed or not."""
+        truncated = result is not None and result.truncated
         logs.log_job(
             request_id=job.request_id,
             task_id=context.task_id,
             user_id=job.user_id,
-            provider=result.provider,
-            model=result.model,
-            attempt=result.attempts,
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            cost_usd=result.cost_usd,
-            latency_ms=result.latency_ms,
+            provider=result.provider if result else None,
+            model=result.model if result else job.model,
+            attempt=result.attempts if result else None,
+            input_tokens=result.input_tokens if result else None,
+            output_tokens=result.output_tokens if result else None,
+            cost_usd=result.cost_usd if result else 0.0,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
             queue_wait_ms=context.queue_wait_ms,
-            finish_reason=result.finish_reason,
-            cached=result.cached,
-            error=None,
+            finish_reason=result.finish_reason if result else None,
+            cached=result.cached if result else False,
+            error=str(error) if error else None,
+            error_kind=type(error).__name__ if error else None,
             prompt_hash=job.prompt_hash(),
-            **({"alert": logs.TRUNCATED_ALERT} if result.truncated else {}),
+            **({"alert": logs.TRUNCATED_ALERT} if truncated else {}),
         )
-        return result
 
-    def plan(self, job: CompletionJob) -> list[Candidate]:
-        """Step 2: the providers to try, in order, each priced by the cost guard."""
+    def candidates(self, job: CompletionJob) -> list[Candidate]:
+        """The job's model first (or the primary's), then the fallbacks that can take it."""
         chain = list(self.settings.chain)
         if job.model is not None:
             owner = self.prices.get(job.model).provider

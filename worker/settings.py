@@ -68,6 +68,18 @@ class Settings(BaseSettings):
     )
     prices_file: str | None = Field(None, validation_alias=_env("LLM_PRICES_FILE"))
 
+    # Spend tracking and budgets (cost issue)
+
+    # Rate limits (rate-limit issue)
+
+    # Response cache and idempotency (cache issue)
+
+    # Retries, fallback, circuit breaker, truncation (resilience issue)
+
+    # Latency metrics and health (observability issue)
+
+    # Batch summarization (batch issue)
+
     # Redis, Celery
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
     broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
