@@ -70,6 +70,15 @@ def _summarize(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from worker.health import report
+    from worker.settings import get_settings
+
+    data = report(get_settings())
+    print(json.dumps(data, indent=2))
+    return 0 if data["status"] == "ok" else 1
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -100,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     # cache (cache issue)
 
     # health (observability issue)
+    health = commands.add_parser("health", help="fleet latency, circuits, queues (JSON)")
+    health.set_defaults(run=_health)
 
     return root
 

@@ -6,6 +6,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,22 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(base / "tiktoken")
     for name in [n for n in os.environ if n.startswith("LLM_") or n.startswith("CELERY_")]:
         del os.environ[name]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any test key reached any log a worker or server wrote."""
+    base = _state.get("base")
+    if base is None:
+        return
+    leaks = [
+        f"{path.name}: {key[:12]}..."
+        for path in (base / "run").glob("*.log")
+        for key in (OPENAI_TEST_KEY, ANTHROPIC_TEST_KEY, GOOGLE_TEST_KEY)
+        if key in path.read_text(errors="replace")
+    ]
+    if leaks:
+        print("\nAPI KEYS LEAKED INTO LOGS:\n  " + "\n  ".join(leaks))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -82,6 +99,33 @@ def app() -> Any:
     return celery_app
 
 
+@dataclass
+class Isolated:
+    """A Redis database of its own: env for workers and a Celery app for producing."""
+
+    env: dict[str, str]
+    app: Any
+    url: str
+
+
+_next_db = iter(range(1, 16))
+
+
+@pytest.fixture
+def isolated(worker_env: dict[str, str], redis_server: RedisServer) -> Iterator[Isolated]:
+    """Broker, backend and llmq keys in a fresh database, unseen by other tests."""
+    from celery import Celery
+
+    from worker.app import configure
+    from worker.settings import load_settings
+
+    url = f"redis://127.0.0.1:{redis_server.port}/{next(_next_db)}"
+    celery_app = Celery("llmq-isolated", set_as_current=False)
+    configure(celery_app, load_settings(REDIS_URL=url))
+    yield Isolated(env={**worker_env, "REDIS_URL": url}, app=celery_app, url=url)
+    celery_app.close()
+
+
 @pytest.fixture(scope="session")
 def worker_env(
     fake_server: FakeProvider, redis_server: RedisServer, run_dir: Path
@@ -111,10 +155,17 @@ def start_worker(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterato
     """Start workers with extra environment; all are stopped after the test."""
     started: list[Worker] = []
 
-    def start(concurrency: int = 8, queues: str = "llm,batch", **env: str) -> Worker:
-        worker = Worker({**worker_env, **env}, run_dir, concurrency=concurrency, queues=queues)
+    def start(
+        concurrency: int = 8,
+        queues: str = "llm,batch",
+        *,
+        isolated: Isolated | None = None,
+        **env: str,
+    ) -> Worker:
+        base = isolated.env if isolated else worker_env
+        worker = Worker({**base, **env}, run_dir, concurrency=concurrency, queues=queues)
         started.append(worker)
-        return worker.wait_ready(app)
+        return worker.wait_ready(isolated.app if isolated else app)
 
     yield start
     for worker in started:

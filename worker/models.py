@@ -102,6 +102,7 @@ class CompletionResult(BaseModel):
     cached_input_tokens: int = 0
     cost_usd: float
     latency_ms: float
+    provider_latency_ms: float = 0.0
     queue_wait_ms: float | None = None
     cached: bool = False
     truncated: bool = False

@@ -6,15 +6,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from worker import logs, tokens
-from worker.errors import InvalidJobError, LLMQError
+from worker.connections import redis_client
+from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
 from worker.guard import CostGuard, Estimate
+from worker.metrics import LatencyRecorder
 from worker.models import CompletionJob, CompletionResult
-from worker.prices import load_prices
+from worker.prices import ModelPrice, load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.reservations import Reservations
 from worker.resilience import Attempt, Outcome, Target, call_chain
@@ -85,6 +89,9 @@ class Pipeline:
         self.settings = settings
         self.prices = load_prices(settings.prices_file)
         self.guard = CostGuard(self.prices, max_cost_per_request=settings.max_cost_per_request)
+        self.latency = LatencyRecorder(
+            redis_client(settings), window_seconds=settings.metrics_window_seconds
+        )
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -105,8 +112,10 @@ class Pipeline:
                 reservations.settle(result)
         except LLMQError as exc:
             self.log_job(job, context, error=exc, started=started)
+            self.record_latency(context, started=started)
             raise
-        self.log_job(job, context, result=result, started=started)  # 6. logs
+        self.log_job(job, context, result=result, started=started)  # 6. logs, metrics
+        self.record_latency(context, started=started, result=result)
         return result  # 7. the result backend stores it
 
     def plan(self, job: CompletionJob) -> Plan:
@@ -132,8 +141,11 @@ class Pipeline:
         """Step 5: the provider chain, every attempt logged."""
         job = plan.job
 
+        prices: dict[str, ModelPrice] = {c.provider: c.estimate.price for c in plan.candidates}
+
         def record(attempt: Attempt) -> None:
             usage = attempt.completion.usage if attempt.completion else None
+            cost = prices[attempt.provider].cost(usage) if usage else Decimal(0)
             logs.log_call(
                 request_id=job.request_id,
                 task_id=context.task_id,
@@ -143,8 +155,11 @@ class Pipeline:
                 attempt=attempt.number,
                 input_tokens=usage.input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None,
+                cost_usd=float(round(cost, 10)),
                 latency_ms=round(attempt.latency_ms, 3),
+                queue_wait_ms=context.queue_wait_ms,
                 finish_reason=attempt.completion.finish_reason if attempt.completion else None,
+                cached=False,
                 error=str(attempt.error) if attempt.error else None,
                 error_kind=type(attempt.error).__name__ if attempt.error else None,
                 prompt_hash=plan.prompt_hash,
@@ -182,6 +197,7 @@ class Pipeline:
             cached_input_tokens=usage.cached_input_tokens,
             cost_usd=float(round(served.estimate.price.cost(usage), 10)),
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            provider_latency_ms=round(sum(a.latency_ms for a in outcome.attempts), 3),
             queue_wait_ms=context.queue_wait_ms,
             attempts=len(outcome.attempts),
             truncated=outcome.completion.finish_reason == "length",
@@ -197,7 +213,13 @@ class Pipeline:
         error: BaseException | None = None,
     ) -> None:
         """Step 6: one `llm_job` record per job, failed or not."""
-        truncated = result is not None and result.truncated
+        truncated = (result is not None and result.truncated) or isinstance(
+            error, TruncatedResponseError
+        )
+        private: dict[str, Any] = {}
+        if self.settings.log_prompts:
+            private["prompt"] = [m.model_dump() for m in job.messages]
+            private["response"] = result.text if result else None
         logs.log_job(
             request_id=job.request_id,
             task_id=context.task_id,
@@ -216,7 +238,22 @@ class Pipeline:
             error_kind=type(error).__name__ if error else None,
             prompt_hash=job.prompt_hash(),
             **({"alert": logs.TRUNCATED_ALERT} if truncated else {}),
+            **private,
         )
+
+    def record_latency(
+        self, context: JobContext, *, started: float, result: CompletionResult | None = None
+    ) -> None:
+        """Step 6: queue wait, provider and total latency into the fleet-wide metrics."""
+        try:
+            self.latency.record(
+                queue_wait_ms=context.queue_wait_ms,
+                provider_latency_ms=result.provider_latency_ms if result else None,
+                total_latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        except redis.RedisError as exc:
+            # Metrics must never fail a job that has already been paid for.
+            logs.logger.warning("latency not recorded: %s", exc)
 
     def candidates(self, job: CompletionJob) -> list[Candidate]:
         """The job's model first (or the primary's), then the fallbacks that can take it."""

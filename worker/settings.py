@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # Retries, fallback, circuit breaker, truncation (resilience issue)
 
     # Latency metrics and health (observability issue)
+    p95_alert_ms: float = Field(5000.0, gt=0, validation_alias=_env("LLM_P95_ALERT_MS"))
+    metrics_window_seconds: int = Field(
+        300, ge=10, le=86_400, validation_alias=_env("LLM_METRICS_WINDOW_SECONDS")
+    )
 
     # Batch summarization (batch issue)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import threading
 import time
 from typing import Any
 
 import celery.app.trace
 from celery import Task
+from celery.worker.request import Request
 
 from worker.app import SENT_AT_HEADER, app
 from worker.errors import LLMQError
@@ -30,10 +32,32 @@ def pipeline() -> Pipeline:
         return _pipeline
 
 
+class RedactedRequest(Request):  # type: ignore[misc]
+    """Keeps completion text out of task events, which Flower shows and stores."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Replace a success event's result by its fields minus the text."""
+        if type == "task-succeeded" and not get_settings().log_prompts:
+            fields["result"] = redact_result(fields.get("result"))
+        super().send_event(type, **fields)
+
+
+def redact_result(result: object) -> str:
+    """The repr Celery made of a result, without the completion text."""
+    try:
+        value = ast.literal_eval(result) if isinstance(result, str) else result
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, dict):
+        return repr({k: v for k, v in value.items() if k != "text"})
+    return "<result hidden>"
+
+
 @app.task(  # type: ignore[untyped-decorator]
     name="llm.complete",
     bind=True,
     throws=(LLMQError,),
+    Request=RedactedRequest,
     rate_limit=get_settings().task_rate_limit,
 )
 def complete(self: Task, **job: Any) -> dict[str, Any]:
