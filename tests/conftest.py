@@ -6,7 +6,6 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tests.harness import (
     ANTHROPIC_TEST_KEY,
     GOOGLE_TEST_KEY,
     OPENAI_TEST_KEY,
+    Isolated,
     RedisServer,
     Worker,
 )
@@ -97,15 +97,6 @@ def app() -> Any:
     from worker.app import app as celery_app
 
     return celery_app
-
-
-@dataclass
-class Isolated:
-    """A Redis database of its own: env for workers and a Celery app for producing."""
-
-    env: dict[str, str]
-    app: Any
-    url: str
 
 
 _next_db = iter(range(1, 16))

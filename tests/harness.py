@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class Isolated:
+    """A Redis of its own: env for workers and a Celery app for producing."""
+
+    env: dict[str, str]
+    app: Any
+    url: str
 
 
 class RedisServer:
