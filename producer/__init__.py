@@ -23,14 +23,19 @@ def submit(
     **options: Any,
 ) -> AsyncResult | CachedResult:
     """Enqueue an `llm.complete` job; `options` are model, temperature, max_tokens,
-    request_id, cache. A cacheable job already in the cache comes back resolved, unsent,
-    unless `check_cache=False`.
+    request_id, cache.
+
+    Unless `check_cache=False`, a job whose answer is already known comes back resolved
+    and is not sent: a cacheable job found in the response cache, or a re-submitted
+    request_id whose result is stored.
     """
+    # A caller's own request_id may be a retry of an earlier submission.
+    replay = "request_id" in options
     # The request id doubles as the task id, so logs, results and Flower line up.
     options.setdefault("request_id", str(uuid.uuid4()))
     kwargs = {"messages": messages, "user_id": user_id, **options}
     if check_cache:
-        hit = lookup(kwargs)
+        hit = lookup(kwargs, replay=replay)
         if hit is not None:
             # Also in the result backend, so AsyncResult(job.id) elsewhere finds it.
             app.backend.store_result(hit.id, hit.result, "SUCCESS")

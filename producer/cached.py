@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from worker.cache import ResponseCache, cache_request, served_from_cache
 from worker.connections import redis_client
 from worker.errors import LLMQError
+from worker.idempotency import IdempotencyStore
 from worker.models import CompletionJob
 from worker.prices import load_prices
 from worker.settings import Settings, get_settings
@@ -48,8 +49,12 @@ class CachedResult:
         return f"<CachedResult: {self.id}>"
 
 
-def lookup(kwargs: dict[str, Any], *, settings: Settings | None = None) -> CachedResult | None:
-    """The cached answer to the job `kwargs` describe, or None (then enqueue it)."""
+def lookup(
+    kwargs: dict[str, Any], *, replay: bool = False, settings: Settings | None = None
+) -> CachedResult | None:
+    """The stored result of this request_id (when `replay`), or the cached answer to the
+    job `kwargs` describe; None means: enqueue it.
+    """
     started = time.perf_counter()
     settings = settings or get_settings()
     try:
@@ -57,10 +62,13 @@ def lookup(kwargs: dict[str, Any], *, settings: Settings | None = None) -> Cache
         request = cache_request(job, settings=settings, prices=load_prices(settings.prices_file))
     except (ValidationError, LLMQError):
         return None  # the worker rejects it with a message saying what to fix
-    if request is None:
-        return None
-    cache = ResponseCache(redis_client(settings), version=settings.cache_version, ttl=0)
+    client = redis_client(settings)
     try:
+        if replay and (stored := IdempotencyStore(client, ttl=0).get(job)) is not None:
+            return CachedResult(job.request_id, stored.model_dump())
+        if request is None:
+            return None
+        cache = ResponseCache.from_settings(settings)
         stored = cache.get(request)
         if stored is None:
             return None  # the worker's own lookup counts the miss

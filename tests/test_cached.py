@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 
 from producer import CachedResult, submit
 from tests.fakes import FakeProvider
-from tests.harness import RedisServer, Worker
+from tests.harness import RedisServer, Worker, wait_for
 
 # Explicit model and max_tokens: the test process and the worker have different defaults
 # (LLM_PROVIDER), and a producer only finds what the worker stored for the same request.
@@ -75,3 +75,22 @@ def test_lookup_can_be_turned_off(
     assert not isinstance(opted_out, CachedResult)
     assert opted_out.get(timeout=30)["cached"] is False
     assert fake.requests() == 2
+
+
+def test_resubmitted_request_id_returns_the_stored_result_unsent(
+    worker: Worker, fake: FakeProvider, user_id: str, published: list[str]
+) -> None:
+    request_id = f"req-{uuid.uuid4().hex}"
+    messages = [{"role": "user", "content": f"Write a haiku. [{uuid.uuid4().hex}]"}]
+    first = submit(messages, user_id, request_id=request_id, temperature=0.9)
+    original = first.get(timeout=30)
+
+    retried = submit(messages, user_id, request_id=request_id, temperature=0.9)
+
+    assert isinstance(retried, CachedResult) and retried.id == request_id
+    assert retried.get() == original  # the same result, not a cache copy: nothing was reused
+    assert published == [request_id] and fake.requests() == 1
+    # Another user's request_id is not theirs to read: it runs as a job of its own.
+    intruder = submit(messages, "intruder", request_id=request_id, temperature=0.9)
+    assert not isinstance(intruder, CachedResult)
+    wait_for(lambda: fake.requests() == 2, timeout=30, what="the intruder's own provider call")

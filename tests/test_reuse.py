@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery.result import AsyncResult
 
 from producer import submit
 from tests.fakes import FakeProvider, Fault
-from tests.harness import ROOT, Worker, wait_for
+from tests.harness import ROOT, Worker, free_port, wait_for
 from worker.cache import ResponseCache, cache_request
-from worker.models import CompletionJob
+from worker.models import CompletionJob, CompletionResult
 from worker.prices import load_prices
+from worker.reuse import ResultReuse
 from worker.settings import load_settings
 
 
@@ -135,8 +137,10 @@ def test_same_request_id_twice_makes_one_provider_request(
 ) -> None:
     request_id = f"req-{uuid.uuid4().hex}"
     messages = question()
-    first = submit(messages, user_id, request_id=request_id, temperature=0.7).get(timeout=30)
-    again = submit(messages, user_id, request_id=request_id, temperature=0.7).get(timeout=30)
+    # check_cache=False: the worker's replay, not the producer's (see test_cached.py).
+    options: dict[str, Any] = {"request_id": request_id, "temperature": 0.7, "check_cache": False}
+    first = submit(messages, user_id, **options).get(timeout=30)
+    again = submit(messages, user_id, **options).get(timeout=30)
 
     assert fake.requests() == 1
     assert again == first  # the same result, cost included: it is the same request
@@ -156,7 +160,10 @@ def test_concurrent_deliveries_of_one_request_id_make_one_provider_request(
     request_id = f"req-{uuid.uuid4().hex}"
     messages = question()
     fake.set_always("openai", Fault(delay=1.0))
-    jobs = [submit(messages, user_id, request_id=request_id, temperature=0.7) for _ in range(2)]
+    jobs = [
+        submit(messages, user_id, request_id=request_id, temperature=0.7, check_cache=False)
+        for _ in range(2)
+    ]
     results = [job.get(timeout=30) for job in jobs]
     wait_for(lambda: len(llm_jobs(worker, request_id)) == 2, timeout=10, what="both deliveries")
 
@@ -201,3 +208,34 @@ def test_worker_killed_before_ack_does_not_call_again(
     assert result["cost_usd"] == first["cost_usd"] and result["text"] == fake.text
     replay = one_llm_job(survivor, job.id)
     assert replay["reused"] == "replay" and replay["cost_usd"] == 0
+
+
+def test_job_sent_without_request_id_is_keyed_by_its_task_id(
+    worker: Worker, fake: FakeProvider, user_id: str, app: Any
+) -> None:
+    sent = app.send_task("llm.complete", kwargs={"messages": question(), "user_id": user_id})
+    assert sent.get(timeout=30)["request_id"] == sent.id
+
+
+def test_redis_errors_do_not_fail_the_job(user_id: str) -> None:
+    settings = load_settings(provider="openai", cache_wait_seconds=0.1)
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    reuse = ResultReuse(settings, load_prices(), client=dead)
+    job = CompletionJob.model_validate(
+        {"messages": question(), "user_id": user_id, "temperature": 0}
+    )
+    with reuse.flight(job, queue_wait_ms=None) as flight:
+        assert flight.reused is None and flight.request is not None
+        flight.record(
+            CompletionResult(
+                request_id=job.request_id,
+                text="answer",
+                provider="openai",
+                model="gpt-4o-mini",
+                finish_reason="stop",
+                input_tokens=1,
+                output_tokens=1,
+                cost_usd=0.0,
+                latency_ms=1.0,
+            )
+        )

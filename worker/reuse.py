@@ -14,6 +14,7 @@ from typing import Literal
 
 import redis
 
+from worker import logs
 from worker.cache import CacheRequest, ResponseCache, cache_request, served_from_cache
 from worker.connections import redis_client
 from worker.errors import JobInProgressError
@@ -47,9 +48,13 @@ class Flight:
 
     def record(self, result: CompletionResult) -> None:
         """Keep a fresh answer: under the request_id always, in the cache when it may be."""
-        self._reuse.idempotency.put(self.job, result)
-        if self.request is not None:
-            self._reuse.cache.put(self.request, result)
+        try:
+            self._reuse.idempotency.put(self.job, result)
+            if self.request is not None:
+                self._reuse.cache.put(self.request, result)
+        except redis.RedisError as exc:
+            # The answer is paid for: return it even if it cannot be kept.
+            logs.logger.warning("result not kept for reuse, Redis error: %s", exc)
 
 
 class ResultReuse:
@@ -73,7 +78,11 @@ class ResultReuse:
         request = cache_request(job, settings=self.settings, prices=self.prices)
         flight = Flight(job=job, request=request, reuse=self)
         try:
-            flight.reused = self._replay(flight) or self._cached(flight, started, queue_wait_ms)
+            try:
+                flight.reused = self._replay(flight) or self._cached(flight, started, queue_wait_ms)
+            except redis.RedisError as exc:
+                # Availability over savings: a Redis hiccup must not fail a job it can run.
+                logs.logger.warning("reuse skipped, Redis error: %s", exc)
             yield flight
         finally:
             while flight.locks:

@@ -37,7 +37,7 @@ class RenewedLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=self._ttl)
-        with contextlib.suppress(LockError):
+        with contextlib.suppress(LockError, redis.RedisError):
             self._lock.release()
 
     def _renew(self) -> None:
@@ -62,7 +62,11 @@ def lead_or_follow(
             return value, False
         if lock.acquire():
             # The previous holder may have stored its value between our poll and acquire.
-            value = poll()
+            try:
+                value = poll()
+            except BaseException:
+                lock.release()
+                raise
             if value is not None:
                 lock.release()
                 return value, False
