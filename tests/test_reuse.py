@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import redis
 from celery.result import AsyncResult
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer import submit
 from tests.fakes import FakeProvider, Fault
@@ -219,7 +221,7 @@ def test_job_sent_without_request_id_is_keyed_by_its_task_id(
 
 def test_redis_errors_do_not_fail_the_job(user_id: str) -> None:
     settings = load_settings(provider="openai", cache_wait_seconds=0.1)
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     reuse = ResultReuse(settings, load_prices(), client=dead)
     job = CompletionJob.model_validate(
         {"messages": question(), "user_id": user_id, "temperature": 0}

@@ -115,11 +115,11 @@ class ResultReuse:
         stored, leading = lead_or_follow(
             lock, lambda: self.cache.get(request), wait=self.settings.cache_wait_seconds
         )
+        if leading:
+            flight.locks.append(lock)  # first, so it is released whatever fails next
         if stored is None:
             # Leading, or the leader outlived our wait: call the provider either way.
             self.cache.record_miss()
-            if leading:
-                flight.locks.append(lock)
             return None
         self.cache.record_hit(stored.cost_usd)
         result = served_from_cache(
