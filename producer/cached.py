@@ -21,6 +21,7 @@ class CachedResult:
     """A job answered from the cache, with the interface of Celery's `AsyncResult`."""
 
     state = status = "SUCCESS"
+    traceback = None
 
     def __init__(self, task_id: str, result: dict[str, Any]) -> None:
         self.id = self.task_id = task_id
@@ -29,6 +30,8 @@ class CachedResult:
     def get(self, timeout: float | None = None, propagate: bool = True, **_: Any) -> Any:
         """The result, at once."""
         return self.result
+
+    wait = get
 
     def ready(self) -> bool:
         """Always True: nothing is pending."""

@@ -55,7 +55,7 @@ def test_hit_returns_resolved_without_a_message(
     assert fake.requests() == 1
     assert hit.ready() and hit.successful() and hit.state == "SUCCESS"
     value = hit.get(timeout=1)
-    assert value is hit.result
+    assert value is hit.result is hit.wait() and hit.traceback is None and not hit.failed()
     assert value["cached"] is True and value["cost_usd"] == 0
     assert value["text"] == original["text"] and value["request_id"] == hit.id != first.id
     # Whoever holds only the id finds the same result in the backend.
