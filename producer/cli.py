@@ -79,6 +79,33 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if data["status"] == "ok" else 1
 
 
+def _cache_stats(args: argparse.Namespace) -> int:
+    from worker.cache import ResponseCache
+    from worker.settings import get_settings
+
+    cache = ResponseCache.from_settings(get_settings())
+    stats = cache.stats(None if args.all else args.version or cache.version).as_dict()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for name, value in stats.items():
+            print(f"{name:>9}: {'all' if value is None else value}")
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    from worker.cache import ResponseCache
+    from worker.settings import get_settings
+
+    deleted = ResponseCache.from_settings(get_settings()).clear(args.version)
+    if args.json:
+        print(json.dumps({"version": args.version, "deleted": deleted}))
+    else:
+        scope = f"version {args.version}" if args.version else "every version"
+        print(f"deleted {deleted} cached answers ({scope})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -107,6 +134,18 @@ def parser() -> argparse.ArgumentParser:
     # limits (rate-limit issue)
 
     # cache (cache issue)
+    cache = commands.add_parser("cache", help="response cache statistics and clearing")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    stats = cache_commands.add_parser("stats", help="entries, bytes, hit rate, savings")
+    which = stats.add_mutually_exclusive_group()
+    which.add_argument("--version", help="a cache version (default: LLM_CACHE_VERSION)")
+    which.add_argument("--all", action="store_true", help="every cache version together")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_cache_stats)
+    clear = cache_commands.add_parser("clear", help="delete cached answers (SCAN, not KEYS)")
+    clear.add_argument("--version", help="only this cache version (default: every version)")
+    clear.add_argument("--json", action="store_true")
+    clear.set_defaults(run=_cache_clear)
 
     # health (observability issue)
     health = commands.add_parser("health", help="fleet latency, circuits, queues (JSON)")

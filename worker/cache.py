@@ -1,4 +1,219 @@
-"""Response cache and idempotent jobs in Redis.
+"""The response cache: exact-match answers in Redis, keyed by everything that shapes them."""
 
-Not yet in the pipeline: it lands with the cache issue.
-"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker.models import CompletionJob, CompletionResult
+from worker.prices import PriceTable
+from worker.settings import Settings
+
+PREFIX = "llmq:cache"
+
+# Job fields that never change the answer; every other field is part of the key, so a
+# sampling option added to CompletionJob later can only split the cache, never collide.
+NOT_IN_KEY = frozenset({"user_id", "request_id", "cache", "messages", "model", "max_tokens"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheRequest:
+    """A cacheable job reduced to what decides its answer, and the key derived from it."""
+
+    provider: str
+    model: str
+    max_tokens: int
+    temperature: float
+    digest: str
+
+
+def cache_request(
+    job: CompletionJob, *, settings: Settings, prices: PriceTable
+) -> CacheRequest | None:
+    """The job's cache identity, or None when it must not be cached.
+
+    Producers and workers both call this, so a producer-side lookup finds exactly the
+    entry a worker stored: the model is the job's or the primary provider's default,
+    max_tokens the job's or LLM_MAX_TOKENS capped by the model's maximum output.
+    """
+    temperature = float(settings.temperature if job.temperature is None else job.temperature)
+    if not settings.cache_enabled or job.cache is False:
+        return None
+    if job.cache is None and temperature != 0.0:
+        return None
+    model = job.model or settings.model_for(settings.provider)
+    price = prices.get(model)
+    max_tokens = min(job.max_tokens or settings.max_tokens, price.max_output_tokens)
+    fields: dict[str, Any] = {
+        **job.model_dump(exclude=set(NOT_IN_KEY)),
+        "provider": price.provider,
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "messages": [m.model_dump() for m in job.messages],
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return CacheRequest(
+        provider=price.provider,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        digest=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+    )
+
+
+def storable(result: CompletionResult) -> bool:
+    """Only a complete answer may be served again: finished with `stop`, not truncated."""
+    return result.finish_reason == "stop" and not result.truncated and bool(result.text)
+
+
+def served_from_cache(
+    stored: CompletionResult,
+    *,
+    request_id: str,
+    latency_ms: float,
+    queue_wait_ms: float | None = None,
+) -> CompletionResult:
+    """A stored answer as this request's result: `cached`, free, no provider attempts."""
+    return stored.model_copy(
+        update={
+            "request_id": request_id,
+            "cached": True,
+            "cost_usd": 0.0,
+            "latency_ms": round(latency_ms, 3),
+            "queue_wait_ms": queue_wait_ms,
+            "attempts": 0,
+        }
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheStats:
+    """What `llmq cache stats` reports for one cache version (or all of them)."""
+
+    version: str | None
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+    saved_usd: float
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over lookups, 0 before the first lookup."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, hit rate included."""
+        return {
+            "version": self.version,
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hit_rate, 6),
+            "saved_usd": round(self.saved_usd, 10),
+        }
+
+
+class ResponseCache:
+    """Complete answers under `llmq:cache:<version>:entry:<sha256>`, with hit statistics."""
+
+    def __init__(self, client: redis.Redis, *, version: str, ttl: int) -> None:
+        self.redis = client
+        self.version = version
+        self.ttl = ttl
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResponseCache:
+        """The cache of LLM_CACHE_VERSION on REDIS_URL."""
+        from worker.connections import redis_client
+
+        return cls(redis_client(settings), version=settings.cache_version, ttl=settings.cache_ttl)
+
+    def entry_key(self, request: CacheRequest) -> str:
+        """The Redis key of the answer to `request`."""
+        return f"{PREFIX}:{self.version}:entry:{request.digest}"
+
+    def lock_key(self, request: CacheRequest) -> str:
+        """The single-flight lock of `request`."""
+        return f"{PREFIX}:{self.version}:lock:{request.digest}"
+
+    def _stats_key(self, version: str) -> str:
+        return f"{PREFIX}:{version}:stats"
+
+    def get(self, request: CacheRequest) -> CompletionResult | None:
+        """The stored answer, or None; does not count as a hit or miss."""
+        raw = self.redis.get(self.entry_key(request))
+        return CompletionResult.model_validate_json(raw) if isinstance(raw, str) else None
+
+    def put(self, request: CacheRequest, result: CompletionResult) -> bool:
+        """Store `result` if it is complete and came from the model the key names (no fallback)."""
+        if not storable(result) or (result.provider, result.model) != (
+            request.provider,
+            request.model,
+        ):
+            return False
+        self.redis.set(self.entry_key(request), result.model_dump_json(), ex=self.ttl)
+        return True
+
+    def record_hit(self, saved_usd: float) -> None:
+        """Count a lookup answered from the cache and the provider cost it avoided."""
+        key = self._stats_key(self.version)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "hits", 1)
+            pipe.hincrbyfloat(key, "saved_usd", saved_usd)
+            pipe.execute()
+
+    def record_miss(self) -> None:
+        """Count a lookup that had to call the provider."""
+        self.redis.hincrby(self._stats_key(self.version), "misses", 1)
+
+    def stats(self, version: str | None = None) -> CacheStats:
+        """Entries, bytes and counters of `version`, or of every version when None."""
+        entries = size = 0
+        pattern = f"{PREFIX}:{version or '*'}:entry:*"
+        for batch in _batches(self.redis.scan_iter(match=pattern, count=500)):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.strlen(key)
+                lengths = pipe.execute()
+            entries += sum(1 for n in lengths if n)
+            size += sum(int(n) for n in lengths)
+        hits = misses = 0
+        saved = 0.0
+        for key in self.redis.scan_iter(match=self._stats_key(version or "*"), count=500):
+            counters = self.redis.hgetall(key)
+            hits += int(counters.get("hits", 0))
+            misses += int(counters.get("misses", 0))
+            saved += float(counters.get("saved_usd", 0.0))
+        return CacheStats(
+            version=version, entries=entries, bytes=size, hits=hits, misses=misses, saved_usd=saved
+        )
+
+    def clear(self, version: str | None = None) -> int:
+        """Delete the entries and counters of `version` (every version when None)."""
+        deleted = 0
+        for kind in ("entry", "stats"):
+            pattern = f"{PREFIX}:{version or '*'}:{kind}" + (":*" if kind == "entry" else "")
+            # SCAN in batches, never KEYS: the cache may hold millions of entries.
+            for batch in _batches(self.redis.scan_iter(match=pattern, count=500)):
+                removed = self.redis.unlink(*batch)
+                deleted += int(removed) if kind == "entry" else 0
+        return deleted
+
+
+def _batches(keys: Any, size: int = 500) -> Any:
+    batch: list[str] = []
+    for key in keys:
+        batch.append(key)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

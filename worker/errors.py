@@ -35,6 +35,10 @@ class RateLimitedError(LLMQError):
     """A global rate limit rejected the job."""
 
 
+class JobInProgressError(LLMQError):
+    """Another delivery of the same request_id is still running; its result will follow."""
+
+
 class TruncatedResponseError(LLMQError):
     """The provider stopped at max_tokens and the job's policy is to fail."""
 

@@ -39,6 +39,8 @@ class CompletionJob(BaseModel):
     request_id: StrictStr = Field(
         default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200
     )
+    # None: cache when temperature is 0; True: cache at any temperature; False: never.
+    cache: bool | None = None
 
     @field_validator("messages")
     @classmethod

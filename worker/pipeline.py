@@ -22,6 +22,7 @@ from worker.prices import ModelPrice, load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.reservations import Reservations
 from worker.resilience import Attempt, Outcome, Target, call_chain
+from worker.reuse import ResultReuse, Reused
 from worker.settings import ProviderName, Settings
 
 
@@ -92,6 +93,7 @@ class Pipeline:
         self.latency = LatencyRecorder(
             redis_client(settings), window_seconds=settings.metrics_window_seconds
         )
+        self.reuse = ResultReuse(settings, self.prices)
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -106,16 +108,24 @@ class Pipeline:
         job = validate(raw, context=context)  # 1. validate
         try:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
-            with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
-                outcome = self.call(plan, context)  # 5. provider chain
-                result = self.result(plan, outcome, context, started)
-                reservations.settle(result)
+            # 4. stored result of this request_id, or cache hit: no call, nothing reserved.
+            with self.reuse.flight(job, queue_wait_ms=context.queue_wait_ms) as flight:
+                reused = flight.reused
+                if reused is None:
+                    with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
+                        outcome = self.call(plan, context)  # 5. provider chain
+                        result = self.result(plan, outcome, context, started)
+                        flight.record(result)  # paid for: kept before anything else can fail
+                        reservations.settle(result)
+                else:
+                    result = reused.result
         except LLMQError as exc:
             self.log_job(job, context, error=exc, started=started)
             self.record_latency(context, started=started)
             raise
-        self.log_job(job, context, result=result, started=started)  # 6. logs, metrics
-        self.record_latency(context, started=started, result=result)
+        self.log_job(job, context, result=result, started=started, reused=reused)  # 6. logs
+        # A reused result made no provider call now: only its queue wait and total count.
+        self.record_latency(context, started=started, result=None if reused else result)
         return result  # 7. the result backend stores it
 
     def plan(self, job: CompletionJob) -> Plan:
@@ -211,15 +221,18 @@ class Pipeline:
         started: float,
         result: CompletionResult | None = None,
         error: BaseException | None = None,
+        reused: Reused | None = None,
     ) -> None:
         """Step 6: one `llm_job` record per job, failed or not."""
-        truncated = (result is not None and result.truncated) or isinstance(
+        truncated = (result is not None and result.truncated and reused is None) or isinstance(
             error, TruncatedResponseError
         )
         private: dict[str, Any] = {}
         if self.settings.log_prompts:
             private["prompt"] = [m.model_dump() for m in job.messages]
             private["response"] = result.text if result else None
+        # A reused result cost nothing now; what the original call cost is what we saved.
+        saved = {"cost_saved_usd": reused.cost_saved_usd, "reused": reused.kind} if reused else {}
         logs.log_job(
             request_id=job.request_id,
             task_id=context.task_id,
@@ -229,7 +242,7 @@ class Pipeline:
             attempt=result.attempts if result else None,
             input_tokens=result.input_tokens if result else None,
             output_tokens=result.output_tokens if result else None,
-            cost_usd=result.cost_usd if result else 0.0,
+            cost_usd=result.cost_usd if result and not reused else 0.0,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             queue_wait_ms=context.queue_wait_ms,
             finish_reason=result.finish_reason if result else None,
@@ -239,6 +252,7 @@ class Pipeline:
             prompt_hash=job.prompt_hash(),
             **({"alert": logs.TRUNCATED_ALERT} if truncated else {}),
             **private,
+            **saved,
         )
 
     def record_latency(

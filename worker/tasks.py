@@ -65,4 +65,7 @@ def complete(self: Task, **job: Any) -> dict[str, Any]:
     sent_at = getattr(self.request, SENT_AT_HEADER, None)
     wait = round((time.time() - float(sent_at)) * 1000, 3) if sent_at else None
     context = JobContext(task_id=self.request.id, queue_wait_ms=wait)
+    # The task id survives redelivery, so a job sent without a request_id stays idempotent.
+    if self.request.id:
+        job.setdefault("request_id", self.request.id)
     return pipeline().complete(job, context=context).model_dump()
