@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
@@ -39,6 +39,8 @@ class CompletionJob(BaseModel):
     request_id: StrictStr = Field(
         default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200
     )
+    # Over the context window: drop the oldest turns (True) instead of failing.
+    trim: StrictBool = False
 
     @field_validator("messages")
     @classmethod
