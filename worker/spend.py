@@ -227,9 +227,10 @@ class SpendTracker:
         budget = self.budget_units or 0
         return (
             f"Daily budget exceeded for user {user_id!r} on {day} (UTC): spent "
-            f"${to_usd(spent)} + reserved ${to_usd(reserved)} by jobs in flight + this "
-            f"job's worst-case estimate ${to_usd(units)} = ${to_usd(spent + reserved + units)}"
-            f", over the budget of ${to_usd(budget)} (LLM_USER_DAILY_BUDGET_USD). Fix: lower "
+            f"${to_usd(spent):f} + reserved ${to_usd(reserved):f} by jobs in flight + this "
+            f"job's worst-case estimate ${to_usd(units):f} = "
+            f"${to_usd(spent + reserved + units):f}, over the budget of "
+            f"${to_usd(budget):f} (LLM_USER_DAILY_BUDGET_USD). Fix: lower "
             "max_tokens or shorten the prompt (the estimate assumes every max_tokens is "
             "written), wait for jobs in flight to settle or for the budget to reset at "
             "00:00 UTC, or raise LLM_USER_DAILY_BUDGET_USD."
