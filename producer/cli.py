@@ -90,7 +90,8 @@ def _cost(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
-        costs.render(report, Console())
+        # Piped output keeps whole rows instead of rich's 80-column default.
+        costs.render(report, Console(width=None if sys.stdout.isatty() else 160))
     return 0
 
 

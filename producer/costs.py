@@ -164,11 +164,12 @@ def render(report: CostReport, console: Console) -> None:
             continue
         reserved = any(t.reserved_usd is not None for t in rows.values())
         table = Table(title=f"by {dimension} ({report.source})", title_justify="left")
-        table.add_column(dimension)
+        # Names fold rather than end in an ellipsis: a cut-off user id is useless.
+        table.add_column(dimension, overflow="fold")
         for name in ("requests", "failed", "input", "output", "cached in", "cost $", "saved $"):
-            table.add_column(name, justify="right")
+            table.add_column(name, justify="right", no_wrap=True)
         if reserved:
-            table.add_column("reserved $", justify="right")
+            table.add_column("reserved $", justify="right", no_wrap=True)
         for key, totals in sorted(rows.items(), key=lambda item: -item[1].cost_usd):
             table.add_row(key, *_cells(totals, reserved=reserved))
         table.add_section()
