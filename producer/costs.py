@@ -176,7 +176,7 @@ def render(report: CostReport, console: Console) -> None:
         table.add_row("total", *_cells(report.total, reserved=False), *([""] if reserved else []))
         console.print(table)
     if report.total.requests == 0:
-        console.print(f"no llm_job records in {report.source}")
+        console.print(f"no jobs recorded in {report.source}")
     if report.skipped_lines:
         console.print(f"{report.skipped_lines} unreadable llm_job lines skipped")
 

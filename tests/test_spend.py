@@ -108,6 +108,20 @@ def test_reservations_expire_on_their_own(redis_server: RedisServer, user_id: st
         alive.reserve(user_id=user_id, worst_case_usd=Decimal("0.008"))  # the live one holds
 
 
+def test_settling_after_the_reservation_expired_warns(
+    redis_server: RedisServer, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = _tracker(redis_server, daily_budget_usd=0.01, reservation_ttl=0)
+    held = tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.008"))
+    tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.001")).release()  # purges it
+    with caplog.at_level(logging.WARNING, logger="llmq.spend"):
+        held.settle(_result("0.002"))
+    [record] = [r for r in caplog.records if r.__dict__.get("event") == "reservation_expired"]
+    assert "LLM_BUDGET_RESERVATION_TTL" in record.getMessage()
+    # The spend is recorded all the same: the provider was paid.
+    assert tracker.totals()["user"][user_id]["cost_units"] == 20_000_000
+
+
 def test_spend_keys_expire(redis_server: RedisServer, user_id: str) -> None:
     tracker = _tracker(redis_server, daily_budget_usd=1)
     tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.1")).settle(_result("0.01"))

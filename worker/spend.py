@@ -72,9 +72,9 @@ return {1, tostring(spent), tostring(reserved)}
 # KEYS: held, user, model, provider, total counters, index of names, alert flag.
 # ARGV: reservation id, the five counters after `requests` (see COUNTERS),
 #       alert threshold units (-1: none), retention, user/model/provider index entries.
-# Returns {alert now?, total cost units today}.
+# Returns {alert now?, total cost units today, reservation still held?}.
 _SETTLE = """
-redis.call('HDEL', KEYS[1], ARGV[1])
+local held = redis.call('HDEL', KEYS[1], ARGV[1])
 local fields = {'input_tokens', 'output_tokens', 'cached_input_tokens', 'cost_units', 'saved_units'}
 for k = 2, 5 do
   redis.call('HINCRBY', KEYS[k], 'requests', 1)
@@ -89,9 +89,9 @@ local total = redis.call('HGET', KEYS[5], 'cost_units')
 local threshold = tonumber(ARGV[7])
 if threshold >= 0 and tonumber(total) >= threshold
     and redis.call('SET', KEYS[7], total, 'NX', 'EX', ARGV[8]) then
-  return {1, total}
+  return {1, total, held}
 end
-return {0, total}
+return {0, total, held}
 """
 
 
@@ -248,7 +248,7 @@ class SpendTracker:
             to_units(saved),
         ]
         try:
-            alert, total = self._settle(
+            alert, total, held = self._settle(
                 keys=[
                     keys.held(reservation.user_id),
                     keys.counters("user", reservation.user_id),
@@ -273,6 +273,15 @@ class SpendTracker:
             # caller pay again. The reservation expires on its own.
             logger.error("spend not recorded for request %s: %s", result.request_id, exc)
             return
+        if not int(held):
+            # Its budget was free for others while the job still ran: the TTL is too short.
+            logger.warning(
+                "request %s outlived its budget reservation (%d s); raise "
+                "LLM_BUDGET_RESERVATION_TTL above the longest a job can run",
+                result.request_id,
+                self.reservation_ttl,
+                extra={"event": "reservation_expired", "user_id": reservation.user_id},
+            )
         if int(alert):
             logger.warning(
                 "llm_spend_alert",
