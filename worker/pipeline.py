@@ -234,7 +234,11 @@ class Pipeline:
             output_tokens=result.output_tokens,
             cached_input_tokens=result.cached_input_tokens,
         )
-        return float(round(self.prices.get(result.model).cache_discount(usage), 10))
+        try:
+            price = self.prices.get(result.model)
+        except LLMQError:  # a result from elsewhere (the cache) for a model priced no more
+            return 0.0
+        return float(round(price.cache_discount(usage), 10))
 
     def candidates(self, job: CompletionJob) -> list[Candidate]:
         """The job's model first (or the primary's), then the fallbacks that can take it."""
