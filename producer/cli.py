@@ -106,6 +106,31 @@ def _cache_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from producer import costs
+
+    if args.today or args.day:
+        from worker.settings import get_settings
+        from worker.spend import SpendTracker
+
+        totals = SpendTracker.from_settings(get_settings()).totals(args.day)
+        report = costs.from_spend_totals(totals)
+    else:
+        try:
+            report = costs.from_log_files(args.logfiles or ["-"], stdin=sys.stdin)
+        except OSError as exc:
+            print(f"llmq cost: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        # Piped output keeps whole rows instead of rich's 80-column default.
+        costs.render(report, Console(width=None if sys.stdout.isatty() else 160))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -130,6 +155,14 @@ def parser() -> argparse.ArgumentParser:
     summarize.set_defaults(run=_summarize)
 
     # cost (cost issue)
+    cost = commands.add_parser(
+        "cost", help="spend totals from llm_job JSON logs (stdin by default) or from Redis"
+    )
+    cost.add_argument("logfiles", nargs="*", help="worker log files; '-' or none: stdin")
+    cost.add_argument("--today", action="store_true", help="today's live Redis counters (UTC)")
+    cost.add_argument("--day", help="one UTC day's Redis counters, YYYY-MM-DD")
+    cost.add_argument("--json", action="store_true", help="machine-readable output")
+    cost.set_defaults(run=_cost)
 
     # limits (rate-limit issue)
 

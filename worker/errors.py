@@ -27,6 +27,10 @@ class BudgetExceededError(LLMQError):
     """The job's estimated cost is over a per-request or per-user budget."""
 
 
+class DailyBudgetExceededError(BudgetExceededError):
+    """The user's spend today, plus jobs in flight, plus this job's worst case is over budget."""
+
+
 class ContextWindowExceededError(InvalidJobError):
     """The prompt plus max_tokens does not fit the model's context window."""
 

@@ -26,14 +26,52 @@ class Estimate:
     max_output_tokens: int
     cost_usd: Decimal
     price: ModelPrice
+    # What is sent: the job's messages, or the sliding window a `trim` job kept.
+    messages: list[Message]
+    messages_dropped: int = 0
 
 
 def count_input_tokens(messages: list[Message], *, model: str, price: ModelPrice) -> int:
     """Exact for OpenAI models; an upper-bound estimate for the others."""
-    if price.provider == "openai":
-        return tokens.count_messages(messages, model=model)
-    counted = tokens.count_messages(messages, model="gpt-4o")
-    return counted if price.provider == "extractive" else math.ceil(counted * NON_OPENAI_MARGIN)
+    return _prompt_tokens(sum(_message_tokens(messages, model=model, price=price)), price)
+
+
+def _message_tokens(messages: list[Message], *, model: str, price: ModelPrice) -> list[int]:
+    counted_as = model if price.provider == "openai" else "gpt-4o"
+    return tokens.count_each_message(messages, model=counted_as)
+
+
+def _prompt_tokens(message_tokens: int, price: ModelPrice) -> int:
+    counted = message_tokens + tokens.TOKENS_PER_REPLY
+    if price.provider in ("openai", "extractive"):
+        return counted
+    return math.ceil(counted * NON_OPENAI_MARGIN)
+
+
+def sliding_window(
+    messages: list[Message], *, model: str, price: ModelPrice, room: int
+) -> tuple[list[Message], int]:
+    """The system messages and the newest turns whose prompt fits `room` tokens.
+
+    The window opens on a user turn (providers reject a conversation that starts
+    with the assistant) and keeps the messages in their original order. Returns
+    the kept messages and their prompt tokens; an empty list if nothing fits.
+    """
+    counts = _message_tokens(messages, model=model, price=price)
+    system = [i for i, m in enumerate(messages) if m.role == "system"]
+    used = sum(counts[i] for i in system)
+    turns: list[int] = []
+    for i in reversed([i for i, m in enumerate(messages) if m.role != "system"]):
+        if _prompt_tokens(used + counts[i], price) > room:
+            break
+        used += counts[i]
+        turns.insert(0, i)
+    while turns and messages[turns[0]].role != "user":
+        used -= counts[turns.pop(0)]
+    if not turns:
+        return [], 0
+    kept = sorted(system + turns)
+    return [messages[i] for i in kept], _prompt_tokens(used, price)
 
 
 class CostGuard:
@@ -54,17 +92,37 @@ class CostGuard:
             )
         return min(requested or default, price.max_output_tokens)
 
-    def check(self, messages: list[Message], *, model: str, max_tokens: int) -> Estimate:
-        """The worst-case estimate, or a typed error stating the numbers and the fix."""
+    def check(
+        self, messages: list[Message], *, model: str, max_tokens: int, trim: bool = False
+    ) -> Estimate:
+        """The worst-case estimate, or a typed error stating the numbers and the fix.
+
+        With `trim`, a prompt too long for the context window is cut to a sliding
+        window (system messages plus the newest turns that fit) instead of rejected.
+        """
         price = self.prices.get(model)
         input_tokens = count_input_tokens(messages, model=model, price=price)
+        sent = messages
         if input_tokens + max_tokens > price.context_window:
-            raise ContextWindowExceededError(
-                f"Prompt of {input_tokens} tokens plus max_tokens={max_tokens} exceeds "
-                f"{model}'s context window of {price.context_window} tokens by "
-                f"{input_tokens + max_tokens - price.context_window}. Fix: shorten the "
-                "prompt, lower max_tokens, or split the document."
-            )
+            over = input_tokens + max_tokens - price.context_window
+            if not trim:
+                raise ContextWindowExceededError(
+                    f"Prompt of {input_tokens} tokens plus max_tokens={max_tokens} exceeds "
+                    f"{model}'s context window of {price.context_window} tokens by {over}. "
+                    "Fix: shorten the prompt, lower max_tokens, split the document, or "
+                    "send trim=True to drop the oldest turns."
+                )
+            room = price.context_window - max_tokens
+            sent, input_tokens = sliding_window(messages, model=model, price=price, room=room)
+            if not sent:
+                raise ContextWindowExceededError(
+                    f"Prompt of {count_input_tokens(messages, model=model, price=price)} "
+                    f"tokens plus max_tokens={max_tokens} exceeds {model}'s context window "
+                    f"of {price.context_window} tokens by {over}, and trimming cannot help: "
+                    f"the system message(s) and the newest user turn alone exceed the "
+                    f"{room} tokens left for the prompt. Fix: shorten the system message "
+                    "or the last user message, or lower max_tokens."
+                )
         # The worst case is the model writing all `max_tokens` it may: the output
         # length is not knowable in advance, and max_tokens is the bound the provider
         # enforces, so it is the only estimate that can never be exceeded.
@@ -82,4 +140,6 @@ class CostGuard:
             max_output_tokens=max_tokens,
             cost_usd=cost,
             price=price,
+            messages=sent,
+            messages_dropped=len(messages) - len(sent),
         )

@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
@@ -41,6 +41,8 @@ class CompletionJob(BaseModel):
     )
     # None: cache when temperature is 0; True: cache at any temperature; False: never.
     cache: bool | None = None
+    # Over the context window: drop the oldest turns (True) instead of failing.
+    trim: StrictBool = False
 
     @field_validator("messages")
     @classmethod

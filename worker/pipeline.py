@@ -17,13 +17,14 @@ from worker.connections import redis_client
 from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
 from worker.guard import CostGuard, Estimate
 from worker.metrics import LatencyRecorder
-from worker.models import CompletionJob, CompletionResult
+from worker.models import CompletionJob, CompletionResult, Usage
 from worker.prices import ModelPrice, load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.reservations import Reservations
 from worker.resilience import Attempt, Outcome, Target, call_chain
 from worker.reuse import ResultReuse, Reused
 from worker.settings import ProviderName, Settings
+from worker.spend import SpendTracker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,17 +89,19 @@ class Pipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.prices = load_prices(settings.prices_file)
+        self.prices = load_prices(settings.prices_file, unknown=settings.unknown_model_pricing)
         self.guard = CostGuard(self.prices, max_cost_per_request=settings.max_cost_per_request)
         self.latency = LatencyRecorder(
             redis_client(settings), window_seconds=settings.metrics_window_seconds
         )
         self.reuse = ResultReuse(settings, self.prices)
 
+        self.spend = SpendTracker.from_settings(settings)
+
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
         for provider in self.settings.chain:
-            self.prices.get(self.settings.model_for(provider))
+            self.prices.get(self.settings.model_for(provider), provider=provider)
             get_provider(provider, self.settings)
         tokens.get_encoding("o200k_base")
 
@@ -142,6 +145,9 @@ class Pipeline:
         """Steps 2-3: hold the worst case against budgets and limits; release on failure."""
         held = Reservations()
         try:
+            # Any candidate may serve the job: hold the costliest worst case.
+            worst_case = max(c.estimate.cost_usd for c in plan.candidates)
+            held.add(self.spend.reserve(user_id=plan.job.user_id, worst_case_usd=worst_case))
             yield held
         except BaseException:
             held.release()
@@ -179,7 +185,7 @@ class Pipeline:
             (
                 get_provider(c.provider, self.settings),
                 ProviderRequest(
-                    messages=job.messages,
+                    messages=c.estimate.messages,
                     model=c.estimate.model,
                     max_tokens=c.estimate.max_output_tokens,
                     temperature=plan.temperature,
@@ -211,6 +217,7 @@ class Pipeline:
             queue_wait_ms=context.queue_wait_ms,
             attempts=len(outcome.attempts),
             truncated=outcome.completion.finish_reason == "length",
+            messages_dropped=served.estimate.messages_dropped,
         )
 
     def log_job(
@@ -242,7 +249,10 @@ class Pipeline:
             attempt=result.attempts if result else None,
             input_tokens=result.input_tokens if result else None,
             output_tokens=result.output_tokens if result else None,
+            cached_input_tokens=result.cached_input_tokens if result else None,
             cost_usd=result.cost_usd if result and not reused else 0.0,
+            cache_discount_usd=self.cache_discount(result) if result and not reused else 0.0,
+            messages_dropped=result.messages_dropped if result else 0,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             queue_wait_ms=context.queue_wait_ms,
             finish_reason=result.finish_reason if result else None,
@@ -269,11 +279,24 @@ class Pipeline:
             # Metrics must never fail a job that has already been paid for.
             logs.logger.warning("latency not recorded: %s", exc)
 
+    def cache_discount(self, result: CompletionResult) -> float:
+        """USD the provider's prompt cache saved this job (cached input at its lower rate)."""
+        usage = Usage(
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cached_input_tokens=result.cached_input_tokens,
+        )
+        try:
+            price = self.prices.get(result.model)
+        except LLMQError:  # a result from elsewhere (the cache) for a model priced no more
+            return 0.0
+        return float(round(price.cache_discount(usage), 10))
+
     def candidates(self, job: CompletionJob) -> list[Candidate]:
         """The job's model first (or the primary's), then the fallbacks that can take it."""
         chain = list(self.settings.chain)
         if job.model is not None:
-            owner = self.prices.get(job.model).provider
+            owner = self.prices.get(job.model, provider=self.settings.provider).provider
             if owner not in chain:
                 raise InvalidJobError(
                     f"Model {job.model!r} is served by provider {owner!r}, which is not "
@@ -291,7 +314,9 @@ class Pipeline:
                     job.max_tokens if position == 0 else None,
                     job.max_tokens or self.settings.max_tokens,
                 )
-                estimate = self.guard.check(job.messages, model=model, max_tokens=max_tokens)
+                estimate = self.guard.check(
+                    job.messages, model=model, max_tokens=max_tokens, trim=job.trim
+                )
             except LLMQError as exc:
                 if position == 0:
                     raise

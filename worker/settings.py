@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     prices_file: str | None = Field(None, validation_alias=_env("LLM_PRICES_FILE"))
 
     # Spend tracking and budgets (cost issue)
+    unknown_model_pricing: Literal["reject", "fallback"] = Field(
+        "reject", validation_alias=_env("LLM_UNKNOWN_MODEL_PRICING")
+    )
+    user_daily_budget_usd: float | None = Field(
+        None, gt=0, validation_alias=_env("LLM_USER_DAILY_BUDGET_USD")
+    )
+    daily_spend_alert_usd: float | None = Field(
+        None, gt=0, validation_alias=_env("LLM_DAILY_SPEND_ALERT_USD")
+    )
+    budget_reservation_ttl: int = Field(
+        600, ge=1, le=86_400, validation_alias=_env("LLM_BUDGET_RESERVATION_TTL")
+    )
+    spend_namespace: str = Field(
+        "llmq", min_length=1, max_length=100, validation_alias=_env("LLM_SPEND_NAMESPACE")
+    )
 
     # Rate limits (rate-limit issue)
 

@@ -104,10 +104,15 @@ def count_text(text: str, *, model: str = "gpt-4o-mini") -> int:
 
 def count_messages(messages: list[Message], *, model: str = "gpt-4o-mini") -> int:
     """Exact prompt tokens of a chat request for an OpenAI model, framing included."""
+    return TOKENS_PER_REPLY + sum(count_each_message(messages, model=model))
+
+
+def count_each_message(messages: list[Message], *, model: str = "gpt-4o-mini") -> list[int]:
+    """Tokens of each message with its framing; their sum plus TOKENS_PER_REPLY is the prompt."""
     encoding = get_encoding(encoding_name_for(model))
-    total = TOKENS_PER_REPLY
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        total += len(encoding.encode(message.role, disallowed_special=()))
-        total += len(encoding.encode(message.content, disallowed_special=()))
-    return total
+    return [
+        TOKENS_PER_MESSAGE
+        + len(encoding.encode(message.role, disallowed_special=()))
+        + len(encoding.encode(message.content, disallowed_special=()))
+        for message in messages
+    ]

@@ -1,0 +1,135 @@
+"""The price table: packaged data, user overrides, unknown models, exact cached pricing."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigurationError, UnknownModelError
+from worker.models import Usage
+from worker.prices import PACKAGED, load_prices
+
+REQUIRED = [
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "claude-haiku-4-5",
+    "claude-sonnet-4-5",
+    "gemini-2.0-flash",
+    "gemini-2.5-flash",
+]
+
+
+def test_packaged_table_covers_the_required_models() -> None:
+    prices = load_prices()
+    assert prices.as_of and prices.sources == [PACKAGED]
+    for model in REQUIRED:
+        price = prices.get(model)
+        assert price.input > 0 and price.output > price.input
+        assert price.cached_input is not None and price.cached_input < price.input
+        assert price.batch_input is not None and price.batch_output is not None
+        assert price.context_window > price.max_output_tokens > 0
+    free = prices.get("extractive")
+    assert (free.input, free.output, free.cached_input) == (0, 0, 0)
+
+
+def test_dated_snapshot_uses_its_base_price() -> None:
+    assert load_prices().get("gpt-4o-2024-08-06") == load_prices().get("gpt-4o")
+
+
+def _usage(input_tokens: int, output_tokens: int, *, cached: int) -> Usage:
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached)
+
+
+@pytest.mark.parametrize(
+    ("model", "usage", "expected"),
+    [
+        # gpt-4o-mini: $0.15 in, $0.075 cached, $0.60 out per 1M tokens.
+        ("gpt-4o-mini", _usage(10_000, 500, cached=4_000), Decimal("0.0015")),
+        ("gpt-4o-mini", _usage(1_234_567, 7, cached=1_000_001), Decimal("0.110189175")),
+        # claude-haiku-4-5: $1 in, $0.10 cached, $5 out.
+        ("claude-haiku-4-5", _usage(3_333, 1, cached=3_000), Decimal("0.000638")),
+        # gemini-2.0-flash: $0.10 in, $0.025 cached, $0.40 out.
+        ("gemini-2.0-flash", _usage(999, 333, cached=998), Decimal("0.00015825")),
+    ],
+)
+def test_cached_input_priced_at_the_cached_rate_exactly(
+    model: str, usage: Usage, expected: Decimal
+) -> None:
+    price = load_prices().get(model)
+    assert price.cost(usage) == expected
+    # The same usage without the cache discount costs more by exactly the discount.
+    uncached = usage.model_copy(update={"cached_input_tokens": 0})
+    assert price.cost(uncached) - price.cost(usage) == price.cache_discount(usage) > 0
+
+
+def test_cached_tokens_never_exceed_input_tokens() -> None:
+    price = load_prices().get("gpt-4o")
+    odd = Usage(input_tokens=100, output_tokens=0, cached_input_tokens=500)
+    assert price.cost(odd) == Decimal(100) * Decimal("1.25") / 10**6
+
+
+def test_user_file_extends_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        'prices_as_of = "2026-01-01"\n'
+        '[models.gpt-4o-mini]\nprovider = "openai"\ninput = 0.2\noutput = 0.8\n'
+        "context_window = 64000\nmax_output_tokens = 4096\n"
+        '[models."llama-3.1-8b"]\nprovider = "openai"\ninput = 0\noutput = 0\n'
+        "context_window = 8192\nmax_output_tokens = 2048\n"
+    )
+    prices = load_prices(str(path))
+    assert prices.get("gpt-4o-mini").input == Decimal("0.2")
+    assert prices.get("llama-3.1-8b").context_window == 8192
+    assert prices.get("gpt-4o").input == Decimal("2.5")  # the packaged rest stays
+    assert prices.as_of == "2026-01-01" and prices.sources[-1] == str(path)
+
+
+def test_bad_user_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="no such file"):
+        load_prices(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"models": {"x": {"provider": "openai", "input": -1}}}')
+    with pytest.raises(ConfigurationError, match="Invalid price file"):
+        load_prices(str(bad))
+
+
+def test_unknown_model_is_rejected_by_default_naming_model_and_file() -> None:
+    with pytest.raises(UnknownModelError) as raised:
+        load_prices().get("gpt-17-ultra")
+    message = str(raised.value)
+    assert "'gpt-17-ultra'" in message
+    assert f"LLM_PRICES_FILE; now {PACKAGED}" in message
+    assert "LLM_UNKNOWN_MODEL_PRICING=fallback" in message
+
+
+def test_fallback_prices_unknown_models_conservatively_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prices = load_prices(unknown="fallback")
+    known = [p for p in prices.models.values() if p.provider != "extractive"]
+    with caplog.at_level(logging.WARNING, logger="llmq.prices"):
+        price = prices.get("claude-opus-9")
+    assert price.provider == "anthropic"  # told from the name
+    assert price.input == max(p.input for p in known) == Decimal("3.0")
+    assert price.output == max(p.output for p in known) == Decimal("15.0")
+    assert price.cached_input is None  # no discount assumed
+    assert price.context_window == min(p.context_window for p in known)
+    assert price.max_output_tokens == min(p.max_output_tokens for p in known)
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "unknown_model_fallback"]
+    assert "claude-opus-9" in record.getMessage() and "LLM_PRICES_FILE" in record.getMessage()
+    # Expensive for an unknown model means: never cheaper than any known model.
+    usage = Usage(input_tokens=1000, output_tokens=1000, cached_input_tokens=500)
+    assert all(price.cost(usage) >= p.cost(usage) for p in known)
+
+
+def test_fallback_uses_the_serving_provider_when_the_name_says_nothing() -> None:
+    prices = load_prices(unknown="fallback")
+    assert prices.get("llama-3.1-local", provider="openai").provider == "openai"
+    # Later look-ups without a hint agree with the first.
+    assert prices.get("llama-3.1-local").provider == "openai"
+    with pytest.raises(UnknownModelError, match="cannot be told from its name"):
+        prices.get("mystery-model")

@@ -1,0 +1,335 @@
+"""Spend in Redis: per-user daily budgets reserved before the call, settled after it.
+
+Money is stored as integers of 1e-10 USD (`UNITS_PER_USD`): Redis increments
+integers exactly, and every price on record is a whole number of units per token,
+so totals never drift the way float sums do.
+
+A job reserves its worst case with one Lua script that, atomically, drops expired
+reservations, compares spent + reserved + estimate with the budget and records the
+reservation. No number of concurrent workers can therefore hold more than the
+budget, and settled spend (each job's actual cost, at most its worst case) cannot
+pass it. A reservation carries its own expiry, so a worker that dies mid-job
+frees its share after `LLM_BUDGET_RESERVATION_TTL` seconds without anyone's help.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import redis
+
+from worker.errors import DailyBudgetExceededError
+from worker.models import CompletionResult
+from worker.settings import Settings
+
+UNITS_PER_USD = 10**10
+# Day keys outlive their day so `llmq cost --today` style reads work for a month.
+RETENTION_SECONDS = 40 * 86_400
+COUNTERS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_units",
+    "saved_units",
+)
+DIMENSIONS = ("user", "model", "provider")
+
+logger = logging.getLogger("llmq.spend")
+
+# KEYS: held reservations of the user, the user's counters.
+# ARGV: reservation id, units, budget units (-1: none), ttl seconds, retention seconds.
+# Returns {reserved?, spent units, units reserved by other jobs}.
+_RESERVE = """
+local now = tonumber(redis.call('TIME')[1])
+local held = redis.call('HGETALL', KEYS[1])
+local reserved = 0
+for i = 1, #held, 2 do
+  local units, expires = string.match(held[i + 1], '^(%d+):(%d+)$')
+  if units == nil or tonumber(expires) <= now then
+    redis.call('HDEL', KEYS[1], held[i])
+  else
+    reserved = reserved + tonumber(units)
+  end
+end
+local spent = tonumber(redis.call('HGET', KEYS[2], 'cost_units') or '0')
+local units = tonumber(ARGV[2])
+local budget = tonumber(ARGV[3])
+if budget >= 0 and spent + reserved + units > budget then
+  return {0, tostring(spent), tostring(reserved)}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. tostring(now + tonumber(ARGV[4])))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {1, tostring(spent), tostring(reserved)}
+"""
+
+# KEYS: held, user, model, provider, total counters, index of names, alert flag.
+# ARGV: reservation id, the five counters after `requests` (see COUNTERS),
+#       alert threshold units (-1: none), retention, user/model/provider index entries.
+# Returns {alert now?, total cost units today, reservation still held?}.
+_SETTLE = """
+local held = redis.call('HDEL', KEYS[1], ARGV[1])
+local fields = {'input_tokens', 'output_tokens', 'cached_input_tokens', 'cost_units', 'saved_units'}
+for k = 2, 5 do
+  redis.call('HINCRBY', KEYS[k], 'requests', 1)
+  for f = 1, 5 do
+    redis.call('HINCRBY', KEYS[k], fields[f], ARGV[f + 1])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[8])
+end
+redis.call('SADD', KEYS[6], ARGV[9], ARGV[10], ARGV[11])
+redis.call('EXPIRE', KEYS[6], ARGV[8])
+local total = redis.call('HGET', KEYS[5], 'cost_units')
+local threshold = tonumber(ARGV[7])
+if threshold >= 0 and tonumber(total) >= threshold
+    and redis.call('SET', KEYS[7], total, 'NX', 'EX', ARGV[8]) then
+  return {1, total, held}
+end
+return {0, total, held}
+"""
+
+
+def to_units(usd: Decimal | float, *, rounding: str = ROUND_HALF_EVEN) -> int:
+    """USD as an integer number of 1e-10 USD."""
+    amount = usd if isinstance(usd, Decimal) else Decimal(str(usd))
+    return int((amount * UNITS_PER_USD).to_integral_value(rounding=rounding))
+
+
+def to_usd(units: int | str) -> Decimal:
+    """1e-10 USD units back to USD, exactly."""
+    return Decimal(int(units)).scaleb(-10)
+
+
+def utc_day(now: float | None = None) -> str:
+    """The UTC calendar day, YYYY-MM-DD, that budgets and totals are kept by."""
+    return datetime.fromtimestamp(time.time() if now is None else now, UTC).date().isoformat()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpendKeys:
+    """The Redis key names of one UTC day."""
+
+    namespace: str
+    day: str
+
+    @property
+    def prefix(self) -> str:
+        """Every key of the day starts with this."""
+        return f"{self.namespace}:spend:{self.day}"
+
+    def held(self, user_id: str) -> str:
+        """Hash of the user's reservations: id -> "units:expires_at"."""
+        return f"{self.prefix}:held:{user_id}"
+
+    def counters(self, dimension: str, name: str) -> str:
+        """Hash of COUNTERS for one user, model or provider."""
+        return f"{self.prefix}:{dimension}:{name}"
+
+    @property
+    def total(self) -> str:
+        """Hash of COUNTERS for everyone."""
+        return f"{self.prefix}:total"
+
+    @property
+    def index(self) -> str:
+        """Set of "dimension:name" entries that have counters today."""
+        return f"{self.prefix}:index"
+
+    @property
+    def alerted(self) -> str:
+        """Set once, by the settle that first crosses the daily alert threshold."""
+        return f"{self.prefix}:alerted"
+
+
+@dataclass(kw_only=True)
+class BudgetReservation:
+    """A job's worst case held against its user's daily budget."""
+
+    tracker: SpendTracker
+    user_id: str
+    day: str
+    id: str
+    units: int
+
+    def settle(self, result: CompletionResult) -> None:
+        """Replace the reservation by the job's actual cost."""
+        self.tracker.settle(self, result)
+
+    def release(self) -> None:
+        """Give the reservation back: the job failed."""
+        self.tracker.release(self)
+
+
+class SpendTracker:
+    """Per-user and global spend per UTC day, by model and provider, with budgets."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        daily_budget_usd: Decimal | float | None = None,
+        alert_usd: Decimal | float | None = None,
+        reservation_ttl: int = 600,
+        namespace: str = "llmq",
+    ) -> None:
+        self.client = client
+        self.budget_units = (
+            None if daily_budget_usd is None else to_units(daily_budget_usd, rounding=ROUND_FLOOR)
+        )
+        self.alert_units = None if alert_usd is None else to_units(alert_usd, rounding=ROUND_FLOOR)
+        self.reservation_ttl = reservation_ttl
+        self.namespace = namespace
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SpendTracker:
+        """The tracker configured by LLM_USER_DAILY_BUDGET_USD and friends."""
+        from worker.connections import redis_client
+
+        return cls(
+            redis_client(settings),
+            daily_budget_usd=settings.user_daily_budget_usd,
+            alert_usd=settings.daily_spend_alert_usd,
+            reservation_ttl=settings.budget_reservation_ttl,
+            namespace=settings.spend_namespace,
+        )
+
+    def keys(self, day: str | None = None) -> SpendKeys:
+        """Key names for `day` (today, UTC, by default)."""
+        return SpendKeys(namespace=self.namespace, day=day or utc_day())
+
+    def reserve(self, *, user_id: str, worst_case_usd: Decimal) -> BudgetReservation:
+        """Hold `worst_case_usd` for the user, or raise DailyBudgetExceededError."""
+        keys = self.keys()
+        units = to_units(worst_case_usd, rounding=ROUND_CEILING)
+        reservation_id = uuid.uuid4().hex
+        budget = -1 if self.budget_units is None else self.budget_units
+        ok, spent, reserved = self._reserve(
+            keys=[keys.held(user_id), keys.counters("user", user_id)],
+            args=[reservation_id, units, budget, self.reservation_ttl, RETENTION_SECONDS],
+        )
+        if not int(ok):
+            raise DailyBudgetExceededError(
+                self._rejection(user_id, keys.day, int(spent), int(reserved), units)
+            )
+        return BudgetReservation(
+            tracker=self, user_id=user_id, day=keys.day, id=reservation_id, units=units
+        )
+
+    def _rejection(self, user_id: str, day: str, spent: int, reserved: int, units: int) -> str:
+        budget = self.budget_units or 0
+        return (
+            f"Daily budget exceeded for user {user_id!r} on {day} (UTC): spent "
+            f"${to_usd(spent):f} + reserved ${to_usd(reserved):f} by jobs in flight + this "
+            f"job's worst-case estimate ${to_usd(units):f} = "
+            f"${to_usd(spent + reserved + units):f}, over the budget of "
+            f"${to_usd(budget):f} (LLM_USER_DAILY_BUDGET_USD). Fix: lower "
+            "max_tokens or shorten the prompt (the estimate assumes every max_tokens is "
+            "written), wait for jobs in flight to settle or for the budget to reset at "
+            "00:00 UTC, or raise LLM_USER_DAILY_BUDGET_USD."
+        )
+
+    def settle(self, reservation: BudgetReservation, result: CompletionResult) -> None:
+        """Record the job's actual cost and usage; free the rest of its reservation."""
+        keys = self.keys(reservation.day)
+        saved = getattr(result, "cost_saved_usd", None) or 0
+        counters = [
+            result.input_tokens,
+            result.output_tokens,
+            result.cached_input_tokens,
+            to_units(result.cost_usd),
+            to_units(saved),
+        ]
+        try:
+            alert, total, held = self._settle(
+                keys=[
+                    keys.held(reservation.user_id),
+                    keys.counters("user", reservation.user_id),
+                    keys.counters("model", result.model),
+                    keys.counters("provider", result.provider),
+                    keys.total,
+                    keys.index,
+                    keys.alerted,
+                ],
+                args=[
+                    reservation.id,
+                    *counters,
+                    -1 if self.alert_units is None else self.alert_units,
+                    RETENTION_SECONDS,
+                    f"user:{reservation.user_id}",
+                    f"model:{result.model}",
+                    f"provider:{result.provider}",
+                ],
+            )
+        except redis.RedisError as exc:
+            # The provider has been paid: failing the job now would only make the
+            # caller pay again. The reservation expires on its own.
+            logger.error("spend not recorded for request %s: %s", result.request_id, exc)
+            return
+        if not int(held):
+            # Its budget was free for others while the job still ran: the TTL is too short.
+            logger.warning(
+                "request %s outlived its budget reservation (%d s); raise "
+                "LLM_BUDGET_RESERVATION_TTL above the longest a job can run",
+                result.request_id,
+                self.reservation_ttl,
+                extra={"event": "reservation_expired", "user_id": reservation.user_id},
+            )
+        if int(alert):
+            logger.warning(
+                "llm_spend_alert",
+                extra={
+                    "event": "llm_spend_alert",
+                    "alert": "DAILY_SPEND_THRESHOLD",
+                    "day": reservation.day,
+                    "spent_usd": float(to_usd(total)),
+                    "threshold_usd": float(to_usd(self.alert_units or 0)),
+                },
+            )
+
+    def release(self, reservation: BudgetReservation) -> None:
+        """Drop the reservation: the job failed and spent nothing we know of."""
+        try:
+            self.client.hdel(self.keys(reservation.day).held(reservation.user_id), reservation.id)
+        except redis.RedisError as exc:
+            logger.warning("reservation %s not released (it expires): %s", reservation.id, exc)
+
+    def totals(self, day: str | None = None) -> dict[str, Any]:
+        """The day's counters: {"day", "total", "user"/"model"/"provider": {name: counters}}.
+
+        Each user's entry also has `reserved_units`: what its jobs in flight hold.
+        """
+        keys = self.keys(day)
+        members: set[str] = self.client.smembers(keys.index)  # type: ignore[assignment]
+        names = [(d, n) for d, _, n in (entry.partition(":") for entry in sorted(members))]
+        users = [name for dimension, name in names if dimension == "user"]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(keys.total)
+        for dimension, name in names:
+            pipe.hgetall(keys.counters(dimension, name))
+        for user in users:
+            pipe.hgetall(keys.held(user))
+        replies = pipe.execute()
+        report: dict[str, Any] = {"day": keys.day, "total": _ints(replies[0])}
+        report.update({dimension: {} for dimension in DIMENSIONS})
+        for (dimension, name), counters in zip(names, replies[1:], strict=False):
+            report.setdefault(dimension, {})[name] = _ints(counters)
+        now = time.time()
+        for user, held in zip(users, replies[1 + len(names) :], strict=True):
+            report["user"][user]["reserved_units"] = sum(
+                int(units)
+                for units, _, expires in (value.partition(":") for value in held.values())
+                if int(expires) > now
+            )
+        return report
+
+
+def _ints(counters: dict[str, str]) -> dict[str, int]:
+    return {field: int(counters.get(field, 0)) for field in COUNTERS}
