@@ -266,6 +266,59 @@ def test_703_peps_interrupted_then_resumed(
     assert 0 < report.latency_p50_ms <= report.latency_p95_ms
 
 
+def test_killed_producer_loses_no_finished_document(
+    start_worker: StartWorker,
+    fake: FakeProvider,
+    app: Any,
+    redis_server: RedisServer,
+    user_id: str,
+    tmp_path: Path,
+) -> None:
+    batch_worker = start_worker(concurrency=16, queues="batch")
+    out = tmp_path / "results.jsonl"
+    pattern = str(PEPS / "pep-0[0-2]*.rst")
+    args = ["summarize", pattern, "--out", str(out), "--user", user_id, "--chunk-tokens", "3000"]
+
+    crashed = cli(*args, stdout=subprocess.DEVNULL)
+    wait_for(lambda: count_lines(out) >= 20, timeout=120, what="20 documents summarized")
+    crashed.kill()  # SIGKILL: no handler runs, nothing is flushed on the way out
+    crashed.wait(timeout=30)
+    survived = lines(out)  # each line on disk is whole JSON
+    finished = {r["id"] for r in survived}
+    assert len(survived) >= 20 and all(r["summary"] == fake.text for r in survived)
+
+    # The dead producer's documents in flight still run; let them finish, unrecorded.
+    redis = redis_server.client()
+
+    def idle() -> bool:
+        inspect = app.control.inspect(destination=[batch_worker.name], timeout=1)
+        busy = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+        return not any(busy) and redis.llen("batch") == 0
+
+    wait_for(lambda: idle() and idle(), timeout=60, what="the batch worker to go idle")
+    requests_before = fake.requests()
+    seen_before = len(fake.seen)
+
+    documents = find_documents([pattern])
+    report = BatchRun(
+        documents=documents,
+        options=BatchOptions(user_id=user_id, chunk_tokens=3000, concurrency=16),
+        out=out,
+    ).run()
+
+    chunker = Chunker.for_model("gpt-4o-mini", budget=3000)
+    chunks = {d.id: chunker.split(d.text) for d in documents}
+    owner = {chunk: doc for doc, parts in chunks.items() for chunk in parts}
+    resent = {owner.get(s.body["messages"][-1]["content"]) for s in fake.seen[seen_before:]}
+    assert not resent & finished, "a document saved before the crash was summarized again"
+    rest = set(chunks) - finished
+    assert fake.requests() - requests_before == sum(calls_for(chunks[i]) for i in rest)
+    by_id = {r["id"]: r for r in lines(out)}
+    assert len(by_id) == len(lines(out)) == len(documents) == 99
+    assert all(r["summary"] == fake.text for r in by_id.values())
+    assert report.skipped == len(finished) and report.documents == 99 and report.failed == 0
+
+
 def test_interactive_job_is_not_starved_by_a_batch(
     start_worker: StartWorker,
     fake: FakeProvider,

@@ -22,6 +22,7 @@ from typing import Any
 from celery import chord
 from pydantic import BaseModel, Field, ValidationError
 
+from worker import logs
 from worker.app import app
 from worker.chunking import Chunker, chunk_budget
 from worker.errors import LLMQError
@@ -275,6 +276,11 @@ class Summarizer:
                 f"{request.request_id}-L{request.level}-P{request.index}",
             )
         except (LLMQError, ValidationError) as exc:
+            return PartSummary(index=index, error=_error(exc)).model_dump()
+        except Exception as exc:
+            # Not an error llmq expects: still a value, so the chord reaches its reduce
+            # step and the document is reported failed instead of hanging as a ChordError.
+            logs.logger.exception("llm.batch.part failed unexpectedly")
             return PartSummary(index=index, error=_error(exc)).model_dump()
         return PartSummary(
             index=request.index,
