@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     summarize.add_argument("paths", nargs="+", metavar="PATH")
     summarize.add_argument("--out", help="JSONL results file; a re-run skips what it holds")
     summarize.add_argument("--model", help="model for every call (default: the worker's)")
-    summarize.add_argument("--words", type=int, default=60, help="summary length in words")
+    summarize.add_argument("--words", type=_positive, default=60, help="summary length in words")
     summarize.add_argument("--user", default="batch", help="user id the jobs are charged to")
     summarize.add_argument(
         "--concurrency",
