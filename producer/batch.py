@@ -171,9 +171,14 @@ class ResultsFile:
 
     def __enter__(self) -> ResultsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
         # A crash mid-write can leave a torn last line; start ours on a fresh one.
-        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                torn = existing.read(1) != b"\n"
+        self._file = self.path.open("a", encoding="utf-8")
+        if torn:
             self._file.write("\n")
         return self
 
