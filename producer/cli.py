@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
-
 
 def _complete(args: argparse.Namespace) -> int:
     from producer import submit
@@ -29,45 +27,46 @@ def _complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _documents(paths: Sequence[str]) -> list[Path]:
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES))
-        else:
-            found.append(path)
-    return found
-
-
 def _summarize(args: argparse.Namespace) -> int:
-    from producer import submit
+    from rich.console import Console
 
-    documents = _documents(args.paths)
-    pending = []
-    for path in documents:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        messages = [
-            {"role": "system", "content": f"Summarize the document in about {args.words} words."},
-            {"role": "user", "content": text},
-        ]
-        options = {"model": args.model} if args.model else {}
-        pending.append((path, submit(messages, args.user, max_tokens=args.words * 2, **options)))
-    failed = 0
-    for path, result in pending:
-        try:
-            value = result.get(timeout=args.timeout)
-        except Exception as exc:
-            failed += 1
-            print(f"\n{path}: FAILED {type(exc).__name__}: {exc}")
-            continue
-        print(
-            f"\n{path}\n  provider={value['provider']} model={value['model']} "
-            f"tokens={value['input_tokens']}+{value['output_tokens']} "
-            f"cost=${value['cost_usd']:.6f} latency={value['latency_ms']:.0f}ms\n  {value['text']}"
-        )
-    print(f"\n{len(documents) - failed} summarized, {failed} failed")
-    return 1 if failed else 0
+    from producer.batch import BatchOptions, BatchRun, find_documents, stop_on_signals
+    from producer.progress import ProgressView, report_table
+    from worker.settings import get_settings
+
+    console = Console()
+    view = ProgressView(console)
+    run = BatchRun(
+        documents=find_documents(args.paths),
+        options=BatchOptions(
+            words=args.words,
+            model=args.model,
+            user_id=args.user,
+            concurrency=args.concurrency or get_settings().batch_concurrency,
+            chunk_tokens=args.chunk_tokens,
+            timeout=args.timeout,
+        ),
+        out=Path(args.out) if args.out else None,
+        listener=view,
+    )
+    try:
+        with stop_on_signals(run, on_stop=view.stopping), view:
+            report = run.run()
+    except KeyboardInterrupt:
+        saved = f" in {args.out}" if args.out else ""
+        console.print(f"interrupted: the documents finished so far are saved{saved}")
+        return 130
+    console.print(report_table(report))
+    if report.interrupted:
+        return 130
+    return 1 if report.failed else 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -146,12 +145,30 @@ def parser() -> argparse.ArgumentParser:
     complete.add_argument("--timeout", type=float, default=120.0)
     complete.set_defaults(run=_complete)
 
-    summarize = commands.add_parser("summarize", help="summarize documents, one job each")
-    summarize.add_argument("paths", nargs="+")
-    summarize.add_argument("--user", default="batch")
-    summarize.add_argument("--model")
-    summarize.add_argument("--words", type=int, default=60)
-    summarize.add_argument("--timeout", type=float, default=300.0)
+    summarize = commands.add_parser(
+        "summarize",
+        help="summarize documents (files, directories, globs, JSONL of {id, text})",
+    )
+    summarize.add_argument("paths", nargs="+", metavar="PATH")
+    summarize.add_argument("--out", help="JSONL results file; a re-run skips what it holds")
+    summarize.add_argument("--model", help="model for every call (default: the worker's)")
+    summarize.add_argument("--words", type=_positive, default=60, help="summary length in words")
+    summarize.add_argument("--user", default="batch", help="user id the jobs are charged to")
+    summarize.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=None,
+        help="documents in flight at once (default: LLM_BATCH_CONCURRENCY)",
+    )
+    summarize.add_argument(
+        "--chunk-tokens",
+        type=_positive,
+        default=None,
+        help="most tokens of text per call (default: the worker's LLM_BATCH_CHUNK_TOKENS)",
+    )
+    summarize.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for one document"
+    )
     summarize.set_defaults(run=_summarize)
 
     # cost (cost issue)

@@ -99,3 +99,17 @@ def test_env_file_is_read(tmp_path: Any, worker_env: dict[str, str]) -> None:
     )
     assert done.stdout.split() == ["321", "extractive"], done.stderr
     assert os.environ["LLMQ_ENV_FILE"] == os.devnull
+
+
+def test_both_queues_are_declared_each_with_its_own_route(app: Any) -> None:
+    # A worker started without -Q consumes every declared queue (./run demo relies on it);
+    # each queue has its own exchange and routing key, so no message lands in both.
+    queues = app.amqp.queues
+    assert {name: (q.exchange.name, q.routing_key) for name, q in queues.items()} == {
+        "llm": ("llm", "llm"),
+        "batch": ("batch", "batch"),
+    }
+    router = app.amqp.router
+    assert router.route({}, "llm.complete")["queue"].name == "llm"
+    for name in ("llm.batch.summarize", "llm.batch.part", "llm.batch.reduce"):
+        assert router.route({}, name)["queue"].name == "batch"

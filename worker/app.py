@@ -72,6 +72,11 @@ def configure(app: Celery, settings: Settings) -> None:
         task_track_started=True,
         result_expires=settings.result_expires,
         task_default_queue=QUEUE,
+        # Declared so a worker started without -Q consumes both; each queue has its own
+        # exchange and routing key, as Celery would create them, so no job is delivered twice.
+        task_queues={
+            name: {"exchange": name, "routing_key": name} for name in (QUEUE, BATCH_QUEUE)
+        },
         task_routes={"llm.complete": {"queue": QUEUE}, "llm.batch.*": {"queue": BATCH_QUEUE}},
         worker_hijack_root_logger=False,
         timezone="UTC",

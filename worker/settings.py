@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     )
 
     # Batch summarization (batch issue)
+    batch_chunk_tokens: int | None = Field(
+        None, ge=64, le=2_000_000, validation_alias=_env("LLM_BATCH_CHUNK_TOKENS")
+    )
+    batch_concurrency: int = Field(
+        16, ge=1, le=10_000, validation_alias=_env("LLM_BATCH_CONCURRENCY")
+    )
 
     # Redis, Celery
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))

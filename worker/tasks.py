@@ -13,6 +13,7 @@ from celery.worker.request import Request
 
 from worker.app import SENT_AT_HEADER, app
 from worker.errors import LLMQError
+from worker.mapreduce import Summarizer
 from worker.pipeline import JobContext, Pipeline
 from worker.settings import get_settings
 
@@ -69,3 +70,29 @@ def complete(self: Task, **job: Any) -> dict[str, Any]:
     if self.request.id:
         job.setdefault("request_id", self.request.id)
     return pipeline().complete(job, context=context).model_dump()
+
+
+def _summarizer(task: Task) -> Summarizer:
+    """The map-reduce steps, calling the pipeline with this task's queue context."""
+    sent_at = getattr(task.request, SENT_AT_HEADER, None)
+    wait = round((time.time() - float(sent_at)) * 1000, 3) if sent_at else None
+    context = JobContext(task_id=task.request.id, queue_wait_ms=wait)
+    return Summarizer(pipeline(), lambda job: pipeline().complete(job, context=context))
+
+
+@app.task(name="llm.batch.summarize", bind=True)  # type: ignore[untyped-decorator]
+def summarize_document(self: Task, **document: Any) -> dict[str, Any]:
+    """Summarize one document, or start its chord; errors come back as values."""
+    return _summarizer(self).document(document)
+
+
+@app.task(name="llm.batch.part", bind=True)  # type: ignore[untyped-decorator]
+def summarize_part(self: Task, **part: Any) -> dict[str, Any]:
+    """Summarize one part of a long document; errors come back as values."""
+    return _summarizer(self).part(part)
+
+
+@app.task(name="llm.batch.reduce", bind=True)  # type: ignore[untyped-decorator]
+def reduce_parts(self: Task, parts: list[Any], *, state: dict[str, Any]) -> dict[str, Any]:
+    """Combine a chord's part summaries into the document's summary (or go a level up)."""
+    return _summarizer(self).reduce(parts, state)

@@ -1,0 +1,127 @@
+"""What `llmq summarize` shows: each document as it finishes, a progress bar, the report."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from producer.batch import Record, Report, Totals
+
+
+class ProgressView:
+    """A rich progress bar (only on a terminal) above each finished document's summary."""
+
+    def __init__(self, console: Console, *, show_documents: bool = True) -> None:
+        self.console = console
+        self.show_documents = show_documents
+        self.progress = Progress(
+            TextColumn("[bold]summarizing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            # Redrawing a bar into a pipe or a file would only fill it with escape codes.
+            disable=not console.is_terminal,
+            transient=False,
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def started(self, *, total: int, skipped: int) -> None:
+        """Show the bar; documents already summarized count as done."""
+        if skipped:
+            self.console.print(f"skipping {skipped} documents already summarized")
+        self.task = self.progress.add_task(
+            "summarize", total=total, completed=skipped, status=_status(Totals())
+        )
+
+    def finished(self, record: Record, totals: Totals) -> None:
+        """Print the document's line and summary, advance the bar."""
+        if self.show_documents:
+            self.console.print(document_text(record), soft_wrap=True)
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, status=_status(totals))
+
+    def stopping(self) -> None:
+        """Say what the first Ctrl-C does."""
+        self.console.print(
+            "stopping: finishing the documents in flight (Ctrl-C again to quit now; "
+            "finished documents are saved)"
+        )
+
+
+def _status(totals: Totals) -> str:
+    return (
+        f"{totals.failed} failed · {totals.chunks} chunks · "
+        f"{totals.input_tokens + totals.output_tokens:,} tokens · ${totals.cost_usd:.4f}"
+    )
+
+
+def document_text(record: Record) -> Text:
+    """One finished document: its numbers, then its summary or its error."""
+    text = Text()
+    text.append(f"\n{record['id']}\n", style="bold")
+    if record.get("error") is not None:
+        text.append(f"  FAILED: {record['error']}", style="red")
+        return text
+    text.append(
+        f"  provider={record['provider']} model={record['model']} chunks={record['chunks']} "
+        f"tokens={record['input_tokens']}+{record['output_tokens']} "
+        f"cost=${record['cost_usd']:.6f} latency={record['latency_ms']:.0f}ms\n"
+    )
+    text.append(f"  {record['summary']}")
+    return text
+
+
+def report_table(report: Report) -> Table:
+    """The final report as a two-column table."""
+    table = Table(title="llmq summarize report", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f} ms"
+
+    rows = [
+        ("documents", f"{report.documents:,}"),
+        ("  summarized", f"{report.succeeded:,}"),
+        ("  failed", f"{report.failed:,}"),
+        ("  skipped (already summarized)", f"{report.skipped:,}"),
+        ("  not run (interrupted)", f"{report.not_run:,}"),
+        ("chunks", f"{report.chunks:,}"),
+        ("input tokens", f"{report.input_tokens:,}"),
+        ("output tokens", f"{report.output_tokens:,}"),
+        ("cost", f"${report.cost_usd:.6f}"),
+        ("wall time", f"{report.wall_time_s:,.1f} s"),
+        ("latency P50 per document", ms(report.latency_p50_ms)),
+        ("latency P95 per document", ms(report.latency_p95_ms)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,371 @@
+"""Map-reduce summarization of one document: split, summarize each part, combine.
+
+A document that fits one call is summarized by that call. A longer one is split by
+`worker.chunking`; its parts run as a Celery chord (`llm.batch.part` tasks, then one
+`llm.batch.reduce`) on the Redis backend. The reduce step combines the part summaries
+in one more call, or, if together they are still too long, splits them and runs
+another chord one level up. Nothing here blocks on another task: a task that starts a
+chord returns `{"continue": <task id>}` and the producer follows that id.
+
+Failures are values, never exceptions: a part that fails returns a `PartSummary` with
+its error, so the chord always reaches the reduce step. The reduce step then reports
+the whole document as failed (naming how many parts failed and the first error) and
+makes no further call: a summary silently missing part of the document would be worse
+than none, and the next run of `llmq summarize` retries the document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import chord
+from pydantic import BaseModel, Field, ValidationError
+
+from worker import logs
+from worker.app import app
+from worker.chunking import Chunker, chunk_budget
+from worker.errors import LLMQError
+from worker.models import CompletionResult, Message
+from worker.pipeline import Pipeline
+from worker.tokens import count_messages
+
+# ---------------------------------------------------------------------------------
+# Job options every batch call passes with its job: THE one place for them.
+# When the rate-limit issue's per-job `on_limit` option exists, set
+#     BATCH_JOB_OPTIONS = {"on_limit": "defer"}
+# so a throttled batch call waits for capacity instead of failing. (`llm.complete`
+# validates its options strictly, so an option the pipeline does not know yet would
+# fail every call.)
+# ---------------------------------------------------------------------------------
+BATCH_JOB_OPTIONS: dict[str, Any] = {}
+
+# Summaries are for reading, not for creativity; temperature 0 also makes them cacheable.
+TEMPERATURE = 0.0
+SEPARATOR = "\n\n"
+MAX_LEVELS = 8
+
+Complete = Callable[[dict[str, Any]], CompletionResult]
+
+
+def summarize_instruction(words: int) -> str:
+    """The system prompt for a whole document."""
+    return f"Summarize the document in about {words} words."
+
+
+def part_instruction(words: int, index: int, total: int) -> str:
+    """The system prompt for one part of a long document."""
+    return (
+        f"This is part {index} of {total} of a long document. "
+        f"Summarize this part in about {words} words."
+    )
+
+
+def combine_instruction(words: int) -> str:
+    """The system prompt that merges summaries of consecutive parts."""
+    return (
+        "These are summaries of consecutive parts of one document, in order. "
+        f"Combine them into one summary of the whole document in about {words} words."
+    )
+
+
+def summary_max_tokens(words: int) -> int:
+    """Output tokens for a summary of `words` words (English runs ~1.3 tokens a word)."""
+    return max(64, 2 * words)
+
+
+class SummaryJob(BaseModel):
+    """What every batch task needs to know about its document."""
+
+    document_id: str = Field(min_length=1, max_length=2000)
+    words: int = Field(ge=5, le=5000)
+    user_id: str = Field(min_length=1, max_length=200)
+    model: str | None = None
+    request_id: str = Field(min_length=1, max_length=200)
+    chunk_tokens: int | None = Field(None, ge=64)
+
+
+class DocumentRequest(SummaryJob):
+    """`llm.batch.summarize` kwargs: one document."""
+
+    text: str
+
+
+class PartRequest(SummaryJob):
+    """`llm.batch.part` kwargs: one part of a document, at one level of the reduction."""
+
+    text: str
+    index: int = Field(ge=1)
+    total: int = Field(ge=1)
+    level: int = Field(ge=0)
+
+
+class Totals(BaseModel):
+    """What a document's calls have used so far."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: Totals) -> Totals:
+        """Both totals together."""
+        return Totals(
+            calls=self.calls + other.calls,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 10),
+        )
+
+    @classmethod
+    def of(cls, result: CompletionResult) -> Totals:
+        """The usage of one call."""
+        return cls(
+            calls=1,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost_usd=result.cost_usd,
+        )
+
+
+class PartSummary(BaseModel):
+    """`llm.batch.part`'s result: a summary or an error, never an exception."""
+
+    index: int
+    summary: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    totals: Totals = Field(default_factory=Totals)
+    error: str | None = None
+
+
+class ReduceState(SummaryJob):
+    """`llm.batch.reduce` kwargs: where the reduction stands."""
+
+    level: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    totals: Totals = Field(default_factory=Totals)
+
+
+class DocumentSummary(BaseModel):
+    """A document's final result: its summary, or the error that prevented one."""
+
+    document_id: str
+    summary: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    chunks: int = 1
+    levels: int = 0
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def failed(
+        cls, job: SummaryJob, error: str, *, totals: Totals, chunks: int = 1
+    ) -> dict[str, Any]:
+        """A failed document's result (as the dict a task returns)."""
+        return cls(
+            document_id=job.document_id, error=error, chunks=chunks, **totals.model_dump()
+        ).model_dump()
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Summarizer:
+    """Runs the map and reduce steps of one document against the pipeline."""
+
+    def __init__(self, pipeline: Pipeline, complete: Complete) -> None:
+        self.pipeline = pipeline
+        self.complete = complete
+
+    def chunker(self, job: SummaryJob) -> Chunker:
+        """The chunker sized for `job`'s model, words and chunk setting."""
+        settings = self.pipeline.settings
+        model = job.model or settings.model_for(settings.provider)
+        price = self.pipeline.prices.get(model)
+        max_output = min(summary_max_tokens(job.words), price.max_output_tokens)
+        # The longest instruction any call of this job can carry, counted with framing.
+        instructions = (
+            summarize_instruction(job.words),
+            part_instruction(job.words, 99_999, 99_999),
+            combine_instruction(job.words),
+        )
+        prompt = max(
+            count_messages(
+                [Message(role="system", content=text), Message(role="user", content="")],
+                model=model,
+            )
+            for text in instructions
+        )
+        budget = chunk_budget(
+            price,
+            prompt_tokens=prompt,
+            max_output_tokens=max_output,
+            max_cost_usd=settings.max_cost_per_request,
+            configured=job.chunk_tokens or settings.batch_chunk_tokens,
+        )
+        return Chunker.for_model(model, budget=budget)
+
+    def call(
+        self, job: SummaryJob, instruction: str, text: str, request_id: str
+    ) -> CompletionResult:
+        """One summary through the full pipeline (guard, limits, cache, providers, logs)."""
+        return self.complete(
+            {
+                "messages": [
+                    {"role": "system", "content": instruction},
+                    {"role": "user", "content": text},
+                ],
+                "user_id": job.user_id,
+                "max_tokens": summary_max_tokens(job.words),
+                "temperature": TEMPERATURE,
+                "request_id": request_id,
+                **({"model": job.model} if job.model else {}),
+                **BATCH_JOB_OPTIONS,
+            }
+        )
+
+    def document(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Map step: summarize a document that fits, or start the chord for its parts."""
+        try:
+            request = DocumentRequest.model_validate(raw)
+        except ValidationError as exc:
+            return _invalid(raw, exc)
+        try:
+            chunker = self.chunker(request)
+            parts = chunker.split(request.text)
+            if not parts:
+                return DocumentSummary.failed(
+                    request, "The document is empty; nothing to summarize.", totals=Totals()
+                )
+            if len(parts) == 1:
+                result = self.call(
+                    request, summarize_instruction(request.words), parts[0], request.request_id
+                )
+                return DocumentSummary(
+                    document_id=request.document_id,
+                    summary=result.text,
+                    provider=result.provider,
+                    model=result.model,
+                    **Totals.of(result).model_dump(),
+                ).model_dump()
+        except LLMQError as exc:
+            return DocumentSummary.failed(request, _error(exc), totals=Totals())
+        state = ReduceState(**request.model_dump(exclude={"text"}), level=0, chunks=len(parts))
+        return {"continue": launch(parts, state), "chunks": len(parts)}
+
+    def part(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """One part's summary, or its error as a value so the chord still completes."""
+        index = raw["index"] if isinstance(raw.get("index"), int) else 0
+        try:
+            request = PartRequest.model_validate(raw)
+            instruction = (
+                part_instruction(request.words, request.index, request.total)
+                if request.level == 0
+                else combine_instruction(request.words)
+            )
+            result = self.call(
+                request,
+                instruction,
+                request.text,
+                f"{request.request_id}-L{request.level}-P{request.index}",
+            )
+        except (LLMQError, ValidationError) as exc:
+            return PartSummary(index=index, error=_error(exc)).model_dump()
+        except Exception as exc:
+            # Not an error llmq expects: still a value, so the chord reaches its reduce
+            # step and the document is reported failed instead of hanging as a ChordError.
+            logs.logger.exception("llm.batch.part failed unexpectedly")
+            return PartSummary(index=index, error=_error(exc)).model_dump()
+        return PartSummary(
+            index=request.index,
+            summary=result.text,
+            provider=result.provider,
+            model=result.model,
+            totals=Totals.of(result),
+        ).model_dump()
+
+    def reduce(self, results: list[Any], raw: dict[str, Any]) -> dict[str, Any]:
+        """Combine the parts' summaries, or go one level up if they are still too long."""
+        state = ReduceState.model_validate(raw)
+        parts = sorted(
+            (PartSummary.model_validate(r) for r in results if isinstance(r, dict)),
+            key=lambda p: p.index,
+        )
+        totals = state.totals
+        for part in parts:
+            totals = totals.add(part.totals)
+        failed = [p for p in parts if p.error is not None or p.summary is None]
+        if failed or len(parts) != len(results):
+            first = failed[0].error if failed else "a part returned no result"
+            return DocumentSummary.failed(
+                state,
+                f"{len(failed) or len(results) - len(parts)} of {len(results)} parts failed "
+                f"(level {state.level}), so the document has no summary. First error: {first}",
+                totals=totals,
+                chunks=state.chunks,
+            )
+        combined = SEPARATOR.join(p.summary or "" for p in parts)
+        try:
+            chunker = self.chunker(state)
+            if not chunker.fits(combined):
+                groups = chunker.split(combined)
+                if len(groups) >= len(parts) or state.level + 1 >= MAX_LEVELS:
+                    return DocumentSummary.failed(
+                        state,
+                        f"{len(parts)} part summaries do not shrink into fewer groups of "
+                        f"{chunker.budget} tokens (level {state.level}). Fix: ask for fewer "
+                        "words or raise LLM_BATCH_CHUNK_TOKENS.",
+                        totals=totals,
+                        chunks=state.chunks,
+                    )
+                up = state.model_copy(update={"level": state.level + 1, "totals": totals})
+                return {"continue": launch(groups, up), "chunks": state.chunks}
+            result = self.call(
+                state,
+                combine_instruction(state.words),
+                combined,
+                f"{state.request_id}-R{state.level}",
+            )
+        except LLMQError as exc:
+            return DocumentSummary.failed(state, _error(exc), totals=totals, chunks=state.chunks)
+        totals = totals.add(Totals.of(result))
+        return DocumentSummary(
+            document_id=state.document_id,
+            summary=result.text,
+            provider=result.provider,
+            model=result.model,
+            chunks=state.chunks,
+            levels=state.level + 1,
+            **totals.model_dump(),
+        ).model_dump()
+
+
+def launch(parts: list[str], state: ReduceState) -> str:
+    """Start the chord of `parts` with its reduce step; returns the reduce task's id."""
+    job = state.model_dump(exclude={"level", "chunks", "totals"})
+    header = [
+        app.signature(
+            "llm.batch.part",
+            kwargs={**job, "text": text, "index": i, "total": len(parts), "level": state.level},
+        )
+        for i, text in enumerate(parts, start=1)
+    ]
+    body = app.signature("llm.batch.reduce", kwargs={"state": state.model_dump()})
+    return str(chord(header)(body).id)
+
+
+def _invalid(raw: dict[str, Any], exc: ValidationError) -> dict[str, Any]:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors()
+    )
+    document_id = raw.get("document_id")
+    return DocumentSummary(
+        document_id=document_id if isinstance(document_id, str) else "?",
+        error=f"InvalidJobError: invalid llm.batch.summarize job: {problems}",
+    ).model_dump()
