@@ -285,6 +285,7 @@ class BatchOptions:
     user_id: str = "batch"
     concurrency: int = 16
     chunk_tokens: int | None = None
+    cache: bool | None = None
     timeout: float = 600.0
     poll_interval: float = 0.05
 
@@ -413,6 +414,7 @@ class BatchRun:
             # Stable across runs, so an idempotent cache can recognise a repeated call.
             "request_id": f"batch-{digest[:32]}",
             "chunk_tokens": options.chunk_tokens,
+            "cache": options.cache,
         }
         return str(app.send_task(TASK, kwargs=kwargs, task_id=str(uuid.uuid4())).id)
 

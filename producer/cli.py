@@ -44,6 +44,7 @@ def _summarize(args: argparse.Namespace) -> int:
             user_id=args.user,
             concurrency=args.concurrency or get_settings().batch_concurrency,
             chunk_tokens=args.chunk_tokens,
+            cache=False if args.no_cache else None,
             timeout=args.timeout,
         ),
         out=Path(args.out) if args.out else None,
@@ -165,6 +166,11 @@ def parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help="most tokens of text per call (default: the worker's LLM_BATCH_CHUNK_TOKENS)",
+    )
+    summarize.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="summarize afresh: neither read nor fill the response cache",
     )
     summarize.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for one document"

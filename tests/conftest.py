@@ -85,9 +85,17 @@ def fake_server() -> Iterator[FakeProvider]:
 
 
 @pytest.fixture
-def fake(fake_server: FakeProvider) -> FakeProvider:
-    """The fake provider, reset: no faults, zero counts."""
+def fake(fake_server: FakeProvider, redis_server: RedisServer) -> FakeProvider:
+    """The fake provider, reset: no faults, zero counts, and no cached answers.
+
+    Every test gets the fake's same canned answer, so an answer cached by an earlier
+    test would hide this test's provider calls.
+    """
     fake_server.reset()
+    client = redis_server.client()
+    stale = list(client.scan_iter("llmq:cache:*", count=1000))
+    if stale:
+        client.unlink(*stale)
     return fake_server
 
 

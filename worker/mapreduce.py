@@ -83,6 +83,8 @@ class SummaryJob(BaseModel):
     model: str | None = None
     request_id: str = Field(min_length=1, max_length=200)
     chunk_tokens: int | None = Field(None, ge=64)
+    # False: never serve or store these summaries in the response cache.
+    cache: bool | None = None
 
 
 class DocumentRequest(SummaryJob):
@@ -226,6 +228,7 @@ class Summarizer:
                 "temperature": TEMPERATURE,
                 "request_id": request_id,
                 **({"model": job.model} if job.model else {}),
+                **({"cache": job.cache} if job.cache is not None else {}),
                 **BATCH_JOB_OPTIONS,
             }
         )
