@@ -39,6 +39,9 @@ class CompletionJob(BaseModel):
     request_id: StrictStr = Field(
         default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200
     )
+    # When a rate limit is hit: fail now, or defer until it frees up (None: LLM_ON_LIMIT,
+    # or LLM_BATCH_ON_LIMIT for jobs on the batch queue).
+    on_limit: Literal["fail", "defer"] | None = None
 
     @field_validator("messages")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from worker import logs, tokens
 from worker.errors import InvalidJobError, LLMQError
 from worker.guard import CostGuard, Estimate
+from worker.limits import RateLimiter
 from worker.models import CompletionJob, CompletionResult
 from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
@@ -27,6 +28,8 @@ class JobContext:
 
     task_id: str | None = None
     queue_wait_ms: float | None = None
+    # Extra fields the steps add to the job's `llm_job` record (e.g. the rate-limit decision).
+    log_fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +88,7 @@ class Pipeline:
         self.settings = settings
         self.prices = load_prices(settings.prices_file)
         self.guard = CostGuard(self.prices, max_cost_per_request=settings.max_cost_per_request)
+        self.limiter = RateLimiter(settings)
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -99,7 +103,7 @@ class Pipeline:
         job = validate(raw, context=context)  # 1. validate
         try:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
-            with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
+            with self.reserve(plan, context) as reservations:  # 2-3. daily budget, rate limits
                 outcome = self.call(plan, context)  # 5. provider chain
                 result = self.result(plan, outcome, context, started)
                 reservations.settle(result)
@@ -119,10 +123,12 @@ class Pipeline:
         )
 
     @contextmanager
-    def reserve(self, plan: Plan) -> Iterator[Reservations]:
+    def reserve(self, plan: Plan, context: JobContext | None = None) -> Iterator[Reservations]:
         """Steps 2-3: hold the worst case against budgets and limits; release on failure."""
         held = Reservations()
         try:
+            record = context.log_fields if context else None
+            held.add(self.limiter.reserve_plan(plan, record=record))  # 3. rate limits
             yield held
         except BaseException:
             held.release()
@@ -215,6 +221,7 @@ class Pipeline:
             error=str(error) if error else None,
             error_kind=type(error).__name__ if error else None,
             prompt_hash=job.prompt_hash(),
+            **context.log_fields,
             **({"alert": logs.TRUNCATED_ALERT} if truncated else {}),
         )
 
