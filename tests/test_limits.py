@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +21,13 @@ from producer.cli import main as llmq
 from tests.fakes import FakeProvider
 from tests.harness import RedisServer, Worker, wait_for
 from worker.errors import RateLimitedError
-from worker.limits import LimitDecision, RateLimiter, defer_countdown, user_usage
+from worker.limits import (
+    LimitDecision,
+    RateLimiter,
+    defer_countdown,
+    on_limit_policy,
+    user_usage,
+)
 from worker.models import CompletionResult, Message
 from worker.settings import load_settings
 from worker.tokens import count_messages
@@ -250,6 +258,17 @@ def test_defer_countdown_stays_within_bounds() -> None:
     assert defer_countdown(never, waited=0, settings=settings) is None
 
 
+def test_on_limit_policy_defaults() -> None:
+    settings = load_settings(on_limit="fail", batch_on_limit="defer")
+    policy = functools.partial(on_limit_policy, settings=settings)
+    assert policy(requested=None, deferred_before=False, queue="llm") == "fail"
+    assert policy(requested=None, deferred_before=False, queue="batch") == "defer"
+    assert policy(requested="fail", deferred_before=False, queue="batch") == "fail"
+    assert policy(requested="defer", deferred_before=False, queue="llm") == "defer"
+    # Once deferred, a job stays a deferred job on the deferred queue.
+    assert policy(requested=None, deferred_before=True, queue="llm.deferred") == "defer"
+
+
 def test_limit_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_USER_LIMITS", '{"alice": {"tokens_per_hour": 5000}}')
     monkeypatch.setenv("LLM_PROVIDER_LIMITS", '{"openai": {"rpm": 500, "tpm": 200000}}')
@@ -311,6 +330,9 @@ def start_workers(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterat
         return batch
 
     yield start
+    for worker in started:  # warm shutdowns in parallel, then wait for each
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
     for worker in started:
         worker.stop()
 

@@ -221,7 +221,8 @@ class LimitDecision:
 
     def error(self, *, user_id: str) -> RateLimitedError:
         """The RateLimitedError for a rejected decision, with every number in its message."""
-        assert self.binding is not None and self.retry_after is not None
+        if self.binding is None or self.retry_after is None:
+            raise ValueError("an admitted decision has no error")
         check, limit = self.binding, self.binding.limit
         retry = "inf" if math.isinf(self.retry_after) else f"{self.retry_after:.3f}"
         if math.isinf(self.retry_after):
@@ -334,7 +335,11 @@ class RateLimiter:
             kind = "provider" if target in PROVIDERS else "model"
             if (provider, model) != (None, None) and target not in (provider, model):
                 continue
-            for unit, value in (("requests", configured.rpm), ("tokens", configured.tpm)):
+            per_unit: tuple[tuple[Unit, int | None], ...] = (
+                ("requests", configured.rpm),
+                ("tokens", configured.tpm),
+            )
+            for unit, value in per_unit:
                 if value:
                     found.append(
                         Limit(
@@ -342,7 +347,7 @@ class RateLimiter:
                             key=f"{s.rate_limit_prefix}:{kind}:{target}:{unit}",
                             limit=value,
                             window=s.provider_window_seconds,
-                            unit=unit,  # type: ignore[arg-type]
+                            unit=unit,
                             setting="LLM_PROVIDER_LIMITS",
                         )
                     )
