@@ -52,7 +52,9 @@ def _summarize(args: argparse.Namespace) -> int:
             {"role": "user", "content": text},
         ]
         options = {"model": args.model} if args.model else {}
-        pending.append((path, submit(messages, args.user, max_tokens=args.words * 2, **options)))
+        # Batch work waits for rate limits to free up instead of failing (on_limit).
+        job = submit(messages, args.user, max_tokens=args.words * 2, on_limit="defer", **options)
+        pending.append((path, job))
     failed = 0
     for path, result in pending:
         try:

@@ -226,6 +226,9 @@ def test_a_job_larger_than_the_limit_can_never_run(redis_server: RedisServer) ->
     assert not decision.admitted and decision.retry_after == math.inf
     error = decision.error(user_id="u")
     assert "can never run" in str(error) and error.retry_after == math.inf
+    assert RateLimitedError(str(error)).retry_after == math.inf
+    logged = json.loads(json.dumps(decision.log_fields(), allow_nan=False))
+    assert logged["never_fits"] is True and logged["retry_after"] is None
     assert limiter.usage(limiter.user_limits("u"))[1].usage == 0  # nor its request
 
 
@@ -253,7 +256,7 @@ def test_defer_countdown_stays_within_bounds() -> None:
     assert defer_countdown(error, waited=95, settings=settings) == pytest.approx(5)
     assert defer_countdown(error, waited=100, settings=settings) is None
     never = RateLimitedError(
-        "x [limit=user_tokens usage=1 requested=9 limit_value=1 retry_after=infs]"
+        "x [limit=user_tokens usage=1 requested=9 limit_value=1 retry_after=never]"
     )
     assert defer_countdown(never, waited=0, settings=settings) is None
 

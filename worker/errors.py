@@ -6,6 +6,7 @@ rebuild it on the producer side (it stores the class name, module and args).
 
 from __future__ import annotations
 
+import math
 import re
 
 
@@ -38,12 +39,12 @@ class RateLimitedError(LLMQError):
 
     Celery rebuilds this from its message alone, so the numbers are parsed back
     out of it: `limit_name`, `usage`, `requested`, `limit`, `retry_after` (seconds,
-    `math.inf` when the job can never fit).
+    `math.inf` when the job can never fit: `retry_after=never`).
     """
 
     _FIELDS = re.compile(
         r"\[limit=(?P<limit_name>\S+) usage=(?P<usage>\d+) requested=(?P<requested>\d+) "
-        r"limit_value=(?P<limit>\d+) retry_after=(?P<retry_after>[\d.]+|inf)s\]"
+        r"limit_value=(?P<limit>\d+) retry_after=(?:(?P<retry_after>[\d.]+)s|never)\]"
     )
 
     def __init__(self, message: str) -> None:
@@ -53,7 +54,10 @@ class RateLimitedError(LLMQError):
         self.usage: int | None = int(found["usage"]) if found else None
         self.requested: int | None = int(found["requested"]) if found else None
         self.limit: int | None = int(found["limit"]) if found else None
-        self.retry_after: float | None = float(found["retry_after"]) if found else None
+        self.retry_after: float | None = None
+        if found:
+            seconds = found["retry_after"]
+            self.retry_after = math.inf if seconds is None else float(seconds)
 
 
 class TruncatedResponseError(LLMQError):

@@ -216,7 +216,10 @@ class LimitDecision:
         }
         if self.binding is not None:
             fields["limit"] = self.binding.limit.name
-            fields["retry_after"] = self.retry_after
+            # JSON has no infinity: a job that can never fit says so instead.
+            never = self.retry_after is not None and math.isinf(self.retry_after)
+            fields["retry_after"] = None if never else self.retry_after
+            fields["never_fits"] = never
         return fields
 
     def error(self, *, user_id: str) -> RateLimitedError:
@@ -224,7 +227,7 @@ class LimitDecision:
         if self.binding is None or self.retry_after is None:
             raise ValueError("an admitted decision has no error")
         check, limit = self.binding, self.binding.limit
-        retry = "inf" if math.isinf(self.retry_after) else f"{self.retry_after:.3f}"
+        retry = "never" if math.isinf(self.retry_after) else f"{self.retry_after:.3f}s"
         if math.isinf(self.retry_after):
             when = (
                 f"this job alone needs {check.requested} {limit.unit}, more than the limit "
@@ -241,7 +244,7 @@ class LimitDecision:
             f"used in the last {limit.window:g}s + {check.requested} for this job > limit "
             f"{limit.limit} ({limit.setting}); {when} "
             f"[limit={limit.name} usage={check.usage} requested={check.requested} "
-            f"limit_value={limit.limit} retry_after={retry}s]"
+            f"limit_value={limit.limit} retry_after={retry}]"
         )
 
 
