@@ -20,7 +20,7 @@ def submit(
     countdown: float | None = None,
     **options: Any,
 ) -> AsyncResult:
-    """Enqueue an `llm.complete` job; `options` are model, temperature, max_tokens, request_id."""
+    """Enqueue `llm.complete`; options: model, temperature, max_tokens, request_id, on_limit."""
     # The request id doubles as the task id, so logs, results and Flower line up.
     options.setdefault("request_id", str(uuid.uuid4()))
     kwargs = {"messages": messages, "user_id": user_id, **options}

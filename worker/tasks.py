@@ -39,6 +39,8 @@ def pipeline() -> Pipeline:
     name="llm.complete",
     bind=True,
     throws=(LLMQError,),
+    # Celery's rate_limit is per worker instance (N workers admit N times it); the
+    # global per-user and per-provider limits are enforced in Redis by worker/limits.py.
     rate_limit=get_settings().task_rate_limit,
     # Deferral re-schedules are bounded by LLM_DEFER_MAX_WAIT_SECONDS, not a count.
     max_retries=None,
