@@ -10,6 +10,12 @@ ages out of its window, and settling or releasing it afterwards is a no-op.
 
 Celery's `rate_limit` on `llm.complete` (LLM_TASK_RATE_LIMIT) is a different,
 per-worker ceiling; these limits hold for any number of workers and threads.
+
+Written here rather than taken from the `limits` package: its Redis moving window
+stores one list entry per unit (a 100,000-token budget would be 100,000 entries),
+stamps entries with the worker's clock, checks one limit per call (so a job
+refused by its second limit would already count in its first), and cannot settle
+a reservation to the usage a job really had.
 """
 
 from __future__ import annotations
