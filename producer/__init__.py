@@ -23,7 +23,8 @@ def submit(
     **options: Any,
 ) -> AsyncResult | CachedResult:
     """Enqueue an `llm.complete` job; `options` are model, temperature, max_tokens,
-    request_id, cache, trim.
+    request_id, cache, trim,
+    on_limit.
 
     Unless `check_cache=False`, a job whose answer is already known comes back resolved
     and is not sent: a cacheable job found in the response cache, or a re-submitted

@@ -131,6 +131,25 @@ def _cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace) -> int:
+    from worker.limits import user_usage
+    from worker.settings import get_settings
+
+    rows = [usage.as_dict() for usage in user_usage(get_settings(), args.user)]
+    if args.json:
+        print(json.dumps({"user_id": args.user, "limits": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no rate limits apply to {args.user!r}")
+    for row in rows:
+        print(
+            f"{row['limit']:<28} {row['usage']:>10} / {row['limit_value']:<10} {row['unit']:<8} "
+            f"per {row['window_seconds']:g}s  ({row['remaining']} left; oldest leaves in "
+            f"{row['oldest_leaves_in_seconds']:g}s)"
+        )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -188,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
     cost.set_defaults(run=_cost)
 
     # limits (rate-limit issue)
+    limits = commands.add_parser("limits", help="a user's usage against each rate limit")
+    limits.add_argument("user")
+    limits.add_argument("--json", action="store_true", help="print JSON")
+    limits.set_defaults(run=_limits)
 
     # cache (cache issue)
     cache = commands.add_parser("cache", help="response cache statistics and clearing")

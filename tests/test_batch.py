@@ -328,9 +328,7 @@ def test_killed_producer_loses_no_finished_document(
     # their calls carry stable request ids, so the re-run replays them without paying again.
     earlier = {owner.get(s.body["messages"][-1]["content"]) for s in fake.seen[:seen_before]}
     orphans = rest & earlier
-    assert fake.requests() - requests_before == sum(
-        calls_for(chunks[i]) for i in rest - orphans
-    )
+    assert fake.requests() - requests_before == sum(calls_for(chunks[i]) for i in rest - orphans)
     by_id = {r["id"]: r for r in lines(out)}
     assert len(by_id) == len(lines(out)) == len(documents) == 99
     assert all(r["summary"] == fake.text for r in by_id.values())

@@ -117,6 +117,18 @@ def _json_logging(**_: Any) -> None:
     logs.configure(level=settings.log_level, secrets=secrets)
 
 
+def _consume_deferred(instance: Any = None, **_: Any) -> None:
+    """Every worker also consumes the deferred queue, whatever its -Q says.
+
+    Deferred jobs wait on their own queue (LLM_DEFERRED_QUEUE) so their ETA holds
+    never sit in front of fresh work; run `-Q llm.deferred` workers to give them
+    their own processes.
+    """
+    queue = get_settings().deferred_queue
+    if instance is not None and queue not in instance.app.amqp.queues.consume_from:
+        instance.app.amqp.queues.select_add(queue)
+
+
 def _check_settings(**_: Any) -> None:
     """Fail at start-up, not mid-request, when the configuration cannot work."""
     from worker.tasks import pipeline
@@ -133,3 +145,4 @@ def _check_settings(**_: Any) -> None:
 signals.before_task_publish.connect(_stamp_and_redact)
 signals.setup_logging.connect(_json_logging)
 signals.worker_init.connect(_check_settings)
+signals.celeryd_after_setup.connect(_consume_deferred)

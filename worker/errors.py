@@ -6,6 +6,9 @@ rebuild it on the producer side (it stores the class name, module and args).
 
 from __future__ import annotations
 
+import math
+import re
+
 
 class LLMQError(Exception):
     """Base class of every error llmq raises on purpose."""
@@ -36,7 +39,29 @@ class ContextWindowExceededError(InvalidJobError):
 
 
 class RateLimitedError(LLMQError):
-    """A global rate limit rejected the job."""
+    """A global rate limit rejected the job; the message carries the numbers.
+
+    Celery rebuilds this from its message alone, so the numbers are parsed back
+    out of it: `limit_name`, `usage`, `requested`, `limit`, `retry_after` (seconds,
+    `math.inf` when the job can never fit: `retry_after=never`).
+    """
+
+    _FIELDS = re.compile(
+        r"\[limit=(?P<limit_name>\S+) usage=(?P<usage>\d+) requested=(?P<requested>\d+) "
+        r"limit_value=(?P<limit>\d+) retry_after=(?:(?P<retry_after>[\d.]+)s|never)\]"
+    )
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        found = self._FIELDS.search(message)
+        self.limit_name: str | None = found["limit_name"] if found else None
+        self.usage: int | None = int(found["usage"]) if found else None
+        self.requested: int | None = int(found["requested"]) if found else None
+        self.limit: int | None = int(found["limit"]) if found else None
+        self.retry_after: float | None = None
+        if found:
+            seconds = found["retry_after"]
+            self.retry_after = math.inf if seconds is None else float(seconds)
 
 
 class JobInProgressError(LLMQError):

@@ -1,6 +1,517 @@
-"""Global rate limits in Redis (per user, per provider), atomic across all workers.
+"""Global rate limits in Redis (per user, per provider, per model), atomic across all workers.
 
-Not yet enforced: the Redis check-and-reserve lands with the rate-limit issue.
-Celery's per-worker `rate_limit` is already set on the task from
-LLM_TASK_RATE_LIMIT (see worker/tasks.py).
+Each limit is a sliding-window log on Redis server time: a sorted set of
+reservation ids scored by the time they were made, and a hash of each one's
+amount plus the running total. One Lua script checks every limit of a job and
+reserves in all of them, or in none: a rejected attempt leaves no trace in any
+window. Reservations are made from the pre-flight estimate and settled to the
+real usage (or released) when the job ends; an entry whose worker died simply
+ages out of its window, and settling or releasing it afterwards is a no-op.
+
+Celery's `rate_limit` on `llm.complete` (LLM_TASK_RATE_LIMIT) is a different,
+per-worker ceiling; these limits hold for any number of workers and threads.
+
+Written here rather than taken from the `limits` package: its Redis moving window
+stores one list entry per unit (a 100,000-token budget would be 100,000 entries),
+stamps entries with the worker's clock, checks one limit per call (so a job
+refused by its second limit would already count in its first), and cannot settle
+a reservation to the usage a job really had.
 """
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis
+
+from worker.connections import redis_client
+from worker.errors import RateLimitedError
+from worker.models import CompletionResult
+from worker.settings import PROVIDERS, OnLimit, Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline import Plan
+
+Unit = Literal["tokens", "requests"]
+
+# KEYS: per limit, its log (zset: reservation id -> Redis time in microseconds) and its
+#       amounts (hash: reservation id -> amount, '~total' of those, '~seq' decisions).
+# ARGV: the reservation id, then per limit: limit, window (microseconds), amount.
+# Returns {admitted, now_us, binding limit index or 0, wait_us or -1 for never,
+#          usage before the decision per limit..., decision sequence number per limit...}.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local id = ARGV[1]
+local n = #KEYS / 2
+local used, seqs = {}, {}
+local binding, binding_wait = 0, -2
+for i = 1, n do
+  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit = tonumber(ARGV[3 * i - 1])
+  local window = tonumber(ARGV[3 * i])
+  local amount = tonumber(ARGV[3 * i + 1])
+  while true do
+    local expired = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
+    if #expired == 0 then break end
+    local freed = 0
+    for _, v in ipairs(redis.call('HMGET', amounts, unpack(expired))) do
+      freed = freed + (tonumber(v) or 0)
+    end
+    redis.call('ZREM', log, unpack(expired))
+    redis.call('HDEL', amounts, unpack(expired))
+    redis.call('HINCRBY', amounts, '~total', -freed)
+  end
+  used[i] = tonumber(redis.call('HGET', amounts, '~total') or '0')
+  seqs[i] = redis.call('HINCRBY', amounts, '~seq', 1)
+  local ttl = math.ceil(window / 1000) + 1000
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('PEXPIRE', amounts, ttl)
+  if used[i] + amount > limit then
+    local wait = -1
+    if amount <= limit then
+      -- The oldest reservations leave the window first: wait until enough have left.
+      local need, freed, offset = used[i] + amount - limit, 0, 0
+      wait = window
+      while true do
+        local page = redis.call('ZRANGE', log, offset, offset + 499, 'WITHSCORES')
+        if #page == 0 then break end
+        local done = false
+        for j = 1, #page, 2 do
+          freed = freed + (tonumber(redis.call('HGET', amounts, page[j])) or 0)
+          if freed >= need then
+            wait = tonumber(page[j + 1]) + window - now
+            done = true
+            break
+          end
+        end
+        if done then break end
+        offset = offset + 500
+      end
+    end
+    -- Report the limit that frees up last; -1 (never) is the latest of all.
+    if binding == 0 or (binding_wait ~= -1 and (wait == -1 or wait > binding_wait)) then
+      binding, binding_wait = i, wait
+    end
+  end
+end
+local reply = {binding == 0 and 1 or 0, now, binding, binding_wait}
+if binding == 0 then
+  for i = 1, n do
+    local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
+    local amount = tonumber(ARGV[3 * i + 1])
+    redis.call('ZADD', log, now, id)
+    redis.call('HSET', amounts, id, amount)
+    redis.call('HINCRBY', amounts, '~total', amount)
+  end
+end
+for i = 1, n do reply[#reply + 1] = used[i] end
+for i = 1, n do reply[#reply + 1] = seqs[i] end
+return reply
+"""
+
+# KEYS: per limit, log and amounts. ARGV: the reservation id, then per limit the new
+# amount: an integer, '' to keep it, or 'x' to remove the reservation.
+# A reservation that already left its window (or whose keys expired) is not touched.
+_SETTLE = """
+local id = ARGV[1]
+for i = 1, #KEYS / 2 do
+  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
+  local new = ARGV[i + 1]
+  if new ~= '' and redis.call('ZSCORE', log, id) then
+    local old = tonumber(redis.call('HGET', amounts, id) or '0')
+    if new == 'x' then
+      redis.call('ZREM', log, id)
+      redis.call('HDEL', amounts, id)
+      redis.call('HINCRBY', amounts, '~total', -old)
+    else
+      redis.call('HSET', amounts, id, tonumber(new))
+      redis.call('HINCRBY', amounts, '~total', tonumber(new) - old)
+    end
+  end
+end
+return 1
+"""
+
+# KEYS: per limit, log and amounts. ARGV: per limit its window (microseconds).
+# Returns {now_us, then per limit: usage in the window, microseconds until the oldest
+#          entry leaves it (0 when empty)}. Read-only.
+_USAGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local reply = {now}
+for i = 1, #KEYS / 2 do
+  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
+  local window = tonumber(ARGV[i])
+  local used, offset, oldest = 0, 0, 0
+  while true do
+    local page = redis.call('ZRANGEBYSCORE', log, '(' .. (now - window), '+inf',
+                            'WITHSCORES', 'LIMIT', offset, 500)
+    if #page == 0 then break end
+    if offset == 0 then oldest = tonumber(page[2]) + window - now end
+    for j = 1, #page, 2 do
+      used = used + (tonumber(redis.call('HGET', amounts, page[j])) or 0)
+    end
+    offset = offset + 500
+  end
+  reply[#reply + 1] = used
+  reply[#reply + 1] = oldest
+end
+return reply
+"""
+
+_US = 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limit:
+    """One limit: at most `limit` units per rolling `window` seconds, on one Redis key."""
+
+    name: str
+    key: str
+    limit: int
+    window: float
+    unit: Unit
+    setting: str
+
+    @property
+    def redis_keys(self) -> tuple[str, str]:
+        """The reservation log (sorted set) and the amounts (hash)."""
+        return f"{self.key}:log", f"{self.key}:amounts"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitCheck:
+    """One limit as a decision saw it: usage before the job, what the job asked for."""
+
+    limit: Limit
+    usage: int
+    requested: int
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitDecision:
+    """The outcome of one atomic check-and-reserve across all of a job's limits."""
+
+    admitted: bool
+    checks: list[LimitCheck]
+    binding: LimitCheck | None
+    retry_after: float | None
+    redis_time: float
+
+    def log_fields(self) -> dict[str, Any]:
+        """The decision for the job's `llm_job` record."""
+        fields: dict[str, Any] = {
+            "admitted": self.admitted,
+            "redis_time": self.redis_time,
+            "limits": {
+                c.limit.name: {
+                    "usage": c.usage,
+                    "requested": c.requested,
+                    "limit": c.limit.limit,
+                    "window_s": c.limit.window,
+                    "seq": c.seq,
+                }
+                for c in self.checks
+            },
+        }
+        if self.binding is not None:
+            fields["limit"] = self.binding.limit.name
+            # JSON has no infinity: a job that can never fit says so instead.
+            never = self.retry_after is not None and math.isinf(self.retry_after)
+            fields["retry_after"] = None if never else self.retry_after
+            fields["never_fits"] = never
+        return fields
+
+    def error(self, *, user_id: str) -> RateLimitedError:
+        """The RateLimitedError for a rejected decision, with every number in its message."""
+        if self.binding is None or self.retry_after is None:
+            raise ValueError("an admitted decision has no error")
+        check, limit = self.binding, self.binding.limit
+        retry = "never" if math.isinf(self.retry_after) else f"{self.retry_after:.3f}s"
+        if math.isinf(self.retry_after):
+            when = (
+                f"this job alone needs {check.requested} {limit.unit}, more than the limit "
+                f"allows, so it can never run. Fix: lower max_tokens or shorten the prompt, "
+                f"or raise {limit.setting}."
+            )
+        else:
+            when = (
+                f"it could run in {self.retry_after:.1f}s. Fix: retry after that, submit with "
+                f"on_limit='defer', or raise {limit.setting}."
+            )
+        return RateLimitedError(
+            f"Rate limit {limit.name} hit for user {user_id!r}: {check.usage} {limit.unit} "
+            f"used in the last {limit.window:g}s + {check.requested} for this job > limit "
+            f"{limit.limit} ({limit.setting}); {when} "
+            f"[limit={limit.name} usage={check.usage} requested={check.requested} "
+            f"limit_value={limit.limit} retry_after={retry}]"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitUsage:
+    """A limit's current usage, for `llmq limits`."""
+
+    limit: Limit
+    usage: int
+    resets_in: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "limit": self.limit.name,
+            "usage": self.usage,
+            "limit_value": self.limit.limit,
+            "remaining": max(0, self.limit.limit - self.usage),
+            "unit": self.limit.unit,
+            "window_seconds": self.limit.window,
+            "oldest_leaves_in_seconds": round(self.resets_in, 3),
+            "setting": self.limit.setting,
+        }
+
+
+class RateLimiter:
+    """Checks and reserves a job's user, provider and model limits in one Redis script."""
+
+    def __init__(self, settings: Settings, *, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client, connected on first use."""
+        if self._client is None:
+            self._client = redis_client(self.settings)
+        return self._client
+
+    def _script(self, source: str) -> Any:
+        # register_script sends EVALSHA and falls back to EVAL after a Redis restart.
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)
+        return self._scripts[source]
+
+    def user_limits(self, user_id: str) -> list[Limit]:
+        """The per-user limits in force for `user_id` (LLM_USER_LIMITS overrides first)."""
+        s = self.settings
+        override = s.user_limits.get(user_id)
+        tokens = s.user_tokens_per_hour
+        requests = s.user_requests_per_minute
+        if override is not None:
+            tokens = tokens if override.tokens_per_hour is None else override.tokens_per_hour
+            if override.requests_per_minute is not None:
+                requests = override.requests_per_minute
+        setting = "LLM_USER_LIMITS" if override is not None else None
+        base = f"{s.rate_limit_prefix}:user:{user_id}"
+        found: list[Limit] = []
+        if tokens:
+            found.append(
+                Limit(
+                    name="user_tokens",
+                    key=f"{base}:tokens",
+                    limit=tokens,
+                    window=s.user_token_window_seconds,
+                    unit="tokens",
+                    setting=setting or "LLM_USER_TOKENS_PER_HOUR",
+                )
+            )
+        if requests:
+            found.append(
+                Limit(
+                    name="user_requests",
+                    key=f"{base}:requests",
+                    limit=requests,
+                    window=s.user_request_window_seconds,
+                    unit="requests",
+                    setting=setting or "LLM_USER_REQUESTS_PER_MINUTE",
+                )
+            )
+        return found
+
+    def shared_limits(
+        self, *, provider: str | None = None, model: str | None = None
+    ) -> list[Limit]:
+        """The provider and model limits every user shares (all configured ones if None)."""
+        s = self.settings
+        found: list[Limit] = []
+        for target, configured in s.provider_limits.items():
+            kind = "provider" if target in PROVIDERS else "model"
+            if (provider, model) != (None, None) and target not in (provider, model):
+                continue
+            per_unit: tuple[tuple[Unit, int | None], ...] = (
+                ("requests", configured.rpm),
+                ("tokens", configured.tpm),
+            )
+            for unit, value in per_unit:
+                if value:
+                    found.append(
+                        Limit(
+                            name=f"{kind}_{'rpm' if unit == 'requests' else 'tpm'}:{target}",
+                            key=f"{s.rate_limit_prefix}:{kind}:{target}:{unit}",
+                            limit=value,
+                            window=s.provider_window_seconds,
+                            unit=unit,
+                            setting="LLM_PROVIDER_LIMITS",
+                        )
+                    )
+        return found
+
+    def limits(self, *, user_id: str, provider: str, model: str) -> list[Limit]:
+        """Every limit a job of `user_id` on `provider`/`model` must pass."""
+        return [*self.user_limits(user_id), *self.shared_limits(provider=provider, model=model)]
+
+    def check(self, limits: Sequence[Limit], *, tokens: int, reservation_id: str) -> LimitDecision:
+        """Atomically: admit and reserve in every limit, or in none; never counts a rejection."""
+        if not limits:
+            return LimitDecision(
+                admitted=True, checks=[], binding=None, retry_after=None, redis_time=0.0
+            )
+        keys: list[str] = []
+        args: list[Any] = [reservation_id]
+        amounts = [tokens if limit.unit == "tokens" else 1 for limit in limits]
+        for limit, amount in zip(limits, amounts, strict=True):
+            keys.extend(limit.redis_keys)
+            args.extend([limit.limit, math.ceil(limit.window * _US), amount])
+        reply = [int(v) for v in self._script(_RESERVE)(keys=keys, args=args)]
+        admitted, now_us, binding, wait_us = reply[:4]
+        n = len(limits)
+        checks = [
+            LimitCheck(limit=limit, usage=used, requested=amount, seq=seq)
+            for limit, amount, used, seq in zip(
+                limits, amounts, reply[4 : 4 + n], reply[4 + n :], strict=True
+            )
+        ]
+        return LimitDecision(
+            admitted=bool(admitted),
+            checks=checks,
+            binding=checks[binding - 1] if binding else None,
+            retry_after=None if admitted else (math.inf if wait_us < 0 else wait_us / _US),
+            redis_time=now_us / _US,
+        )
+
+    def reserve(
+        self,
+        *,
+        user_id: str,
+        provider: str,
+        model: str,
+        tokens: int,
+        request_id: str,
+        record: dict[str, Any] | None = None,
+    ) -> LimitReservation:
+        """Reserve `tokens` and one request for a job, or raise RateLimitedError."""
+        limits = self.limits(user_id=user_id, provider=provider, model=model)
+        # A fresh id per attempt: a redelivered or deferred job never reuses a reservation.
+        reservation_id = f"{request_id}:{uuid.uuid4().hex[:12]}"
+        decision = self.check(limits, tokens=tokens, reservation_id=reservation_id)
+        if record is not None and limits:
+            record["rate_limit"] = decision.log_fields()
+        if not decision.admitted:
+            raise decision.error(user_id=user_id)
+        return LimitReservation(self, limits, reservation_id=reservation_id, provider=provider)
+
+    def reserve_plan(self, plan: Plan, *, record: dict[str, Any] | None = None) -> LimitReservation:
+        """Reserve for a planned job: its primary candidate's worst case."""
+        estimate = plan.primary.estimate
+        return self.reserve(
+            user_id=plan.job.user_id,
+            provider=plan.primary.provider,
+            model=estimate.model,
+            tokens=estimate.input_tokens + estimate.max_output_tokens,
+            request_id=plan.job.request_id,
+            record=record,
+        )
+
+    def adjust(self, limits: Sequence[Limit], reservation_id: str, amounts: list[str]) -> None:
+        """Set (or with 'x' remove, with '' keep) a reservation's amount in each limit."""
+        if not limits:
+            return
+        keys = [key for limit in limits for key in limit.redis_keys]
+        self._script(_SETTLE)(keys=keys, args=[reservation_id, *amounts])
+
+    def usage(self, limits: Sequence[Limit]) -> list[LimitUsage]:
+        """Each limit's usage in its window now, on Redis time."""
+        if not limits:
+            return []
+        keys = [key for limit in limits for key in limit.redis_keys]
+        windows = [math.ceil(limit.window * _US) for limit in limits]
+        reply = [int(v) for v in self._script(_USAGE)(keys=keys, args=windows)]
+        return [
+            LimitUsage(limit=limit, usage=reply[1 + 2 * i], resets_in=reply[2 + 2 * i] / _US)
+            for i, limit in enumerate(limits)
+        ]
+
+
+class LimitReservation:
+    """A job's reservation in its limits: settled to actual tokens, or released."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        limits: Sequence[Limit],
+        *,
+        reservation_id: str,
+        provider: str,
+    ) -> None:
+        self.limiter = limiter
+        self.limits = list(limits)
+        self.reservation_id = reservation_id
+        self.provider = provider
+
+    def settle(self, result: CompletionResult) -> None:
+        """Replace reserved tokens by what the job used; requests stay counted."""
+        used = 0 if result.cached else result.input_tokens + result.output_tokens
+        amounts = []
+        for limit in self.limits:
+            if limit.unit == "requests":
+                amounts.append("")
+            elif limit.name.startswith("user_") or result.provider == self.provider:
+                amounts.append(str(used))
+            else:
+                # A fallback served the job: the reserved provider spent no tokens on it.
+                amounts.append("0")
+        self.limiter.adjust(self.limits, self.reservation_id, amounts)
+
+    def release(self) -> None:
+        """The job failed: give back its tokens and its request slots."""
+        self.limiter.adjust(self.limits, self.reservation_id, ["x"] * len(self.limits))
+
+
+def user_usage(settings: Settings, user_id: str) -> list[LimitUsage]:
+    """`llmq limits USER`: the user's limits and every shared limit, with current usage."""
+    limiter = RateLimiter(settings)
+    return limiter.usage([*limiter.user_limits(user_id), *limiter.shared_limits()])
+
+
+def on_limit_policy(
+    *, requested: OnLimit | None, deferred_before: bool, queue: str | None, settings: Settings
+) -> OnLimit:
+    """The job's own choice; else defer if it was already deferred; else the queue's default."""
+    if requested is not None:
+        return requested
+    if deferred_before:
+        return "defer"
+    from worker.app import BATCH_QUEUE
+
+    return settings.batch_on_limit if queue == BATCH_QUEUE else settings.on_limit
+
+
+def defer_countdown(error: RateLimitedError, *, waited: float, settings: Settings) -> float | None:
+    """Seconds to wait before trying again, or None when the job must fail now.
+
+    Never past LLM_DEFER_MAX_WAIT_SECONDS in total, and always well within the
+    visibility timeout: kombu's Redis transport redelivers an ETA message that a
+    worker holds unacknowledged for longer than that, which would run it twice.
+    """
+    retry_after = error.retry_after
+    remaining = settings.defer_max_wait_seconds - waited
+    if retry_after is None or math.isinf(retry_after) or remaining < 0.05:
+        return None
+    # A little past the moment capacity returns, so the window has surely slid.
+    return min(retry_after + 0.05, settings.visibility_timeout / 2, remaining)

@@ -20,25 +20,20 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import chord
+from celery.exceptions import Retry
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import logs
 from worker.app import app
 from worker.chunking import Chunker, chunk_budget
-from worker.errors import LLMQError
+from worker.errors import LLMQError, RateLimitedError
 from worker.models import CompletionResult, Message
 from worker.pipeline import Pipeline
 from worker.tokens import count_messages
 
-# ---------------------------------------------------------------------------------
-# Job options every batch call passes with its job: THE one place for them.
-# When the rate-limit issue's per-job `on_limit` option exists, set
-#     BATCH_JOB_OPTIONS = {"on_limit": "defer"}
-# so a throttled batch call waits for capacity instead of failing. (`llm.complete`
-# validates its options strictly, so an option the pipeline does not know yet would
-# fail every call.)
-# ---------------------------------------------------------------------------------
-BATCH_JOB_OPTIONS: dict[str, Any] = {}
+# Job options every batch call passes with its job: THE one place for them. A throttled
+# batch call waits for capacity (its task is re-scheduled) instead of failing.
+BATCH_JOB_OPTIONS: dict[str, Any] = {"on_limit": "defer"}
 
 # Summaries are for reading, not for creativity; temperature 0 also makes them cacheable.
 TEMPERATURE = 0.0
@@ -46,6 +41,9 @@ SEPARATOR = "\n\n"
 MAX_LEVELS = 8
 
 Complete = Callable[[dict[str, Any]], CompletionResult]
+# Called when a rate limit rejects a call: raises to re-schedule the task, or returns
+# to let the rejection be reported as the document's error.
+OnLimited = Callable[[RateLimitedError, dict[str, Any]], None]
 
 
 def summarize_instruction(words: int) -> str:
@@ -181,9 +179,12 @@ def _error(exc: BaseException) -> str:
 class Summarizer:
     """Runs the map and reduce steps of one document against the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, complete: Complete) -> None:
+    def __init__(
+        self, pipeline: Pipeline, complete: Complete, *, on_limited: OnLimited | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.complete = complete
+        self.on_limited = on_limited
 
     def chunker(self, job: SummaryJob) -> Chunker:
         """The chunker sized for `job`'s model, words and chunk setting."""
@@ -217,21 +218,25 @@ class Summarizer:
         self, job: SummaryJob, instruction: str, text: str, request_id: str
     ) -> CompletionResult:
         """One summary through the full pipeline (guard, limits, cache, providers, logs)."""
-        return self.complete(
-            {
-                "messages": [
-                    {"role": "system", "content": instruction},
-                    {"role": "user", "content": text},
-                ],
-                "user_id": job.user_id,
-                "max_tokens": summary_max_tokens(job.words),
-                "temperature": TEMPERATURE,
-                "request_id": request_id,
-                **({"model": job.model} if job.model else {}),
-                **({"cache": job.cache} if job.cache is not None else {}),
-                **BATCH_JOB_OPTIONS,
-            }
-        )
+        call = {
+            "messages": [
+                {"role": "system", "content": instruction},
+                {"role": "user", "content": text},
+            ],
+            "user_id": job.user_id,
+            "max_tokens": summary_max_tokens(job.words),
+            "temperature": TEMPERATURE,
+            "request_id": request_id,
+            **({"model": job.model} if job.model else {}),
+            **({"cache": job.cache} if job.cache is not None else {}),
+            **BATCH_JOB_OPTIONS,
+        }
+        try:
+            return self.complete(call)
+        except RateLimitedError as exc:
+            if self.on_limited is not None:
+                self.on_limited(exc, call)  # raises celery's Retry to defer the task
+            raise
 
     def document(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Map step: summarize a document that fits, or start the chord for its parts."""
@@ -280,6 +285,8 @@ class Summarizer:
             )
         except (LLMQError, ValidationError) as exc:
             return PartSummary(index=index, error=_error(exc)).model_dump()
+        except Retry:
+            raise  # deferred by a rate limit: the task runs again later
         except Exception as exc:
             # Not an error llmq expects: still a value, so the chord reaches its reduce
             # step and the document is reported failed instead of hanging as a ChordError.

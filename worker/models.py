@@ -43,6 +43,9 @@ class CompletionJob(BaseModel):
     cache: bool | None = None
     # Over the context window: drop the oldest turns (True) instead of failing.
     trim: StrictBool = False
+    # When a rate limit is hit: fail now, or defer until it frees up (None: LLM_ON_LIMIT,
+    # or LLM_BATCH_ON_LIMIT for jobs on the batch queue).
+    on_limit: Literal["fail", "defer"] | None = None
 
     @field_validator("messages")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +16,7 @@ from worker import logs, tokens
 from worker.connections import redis_client
 from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
 from worker.guard import CostGuard, Estimate
+from worker.limits import RateLimiter
 from worker.metrics import LatencyRecorder
 from worker.models import CompletionJob, CompletionResult, Usage
 from worker.prices import ModelPrice, load_prices
@@ -33,6 +34,8 @@ class JobContext:
 
     task_id: str | None = None
     queue_wait_ms: float | None = None
+    # Extra fields the steps add to the job's `llm_job` record (e.g. the rate-limit decision).
+    log_fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +98,8 @@ class Pipeline:
             redis_client(settings), window_seconds=settings.metrics_window_seconds
         )
         self.reuse = ResultReuse(settings, self.prices)
-
         self.spend = SpendTracker.from_settings(settings)
+        self.limiter = RateLimiter(settings)
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -115,7 +118,9 @@ class Pipeline:
             with self.reuse.flight(job, queue_wait_ms=context.queue_wait_ms) as flight:
                 reused = flight.reused
                 if reused is None:
-                    with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
+                    with self.reserve(
+                        plan, context
+                    ) as reservations:  # 2-3. daily budget, rate limits
                         outcome = self.call(plan, context)  # 5. provider chain
                         result = self.result(plan, outcome, context, started)
                         flight.record(result)  # paid for: kept before anything else can fail
@@ -141,13 +146,15 @@ class Pipeline:
         )
 
     @contextmanager
-    def reserve(self, plan: Plan) -> Iterator[Reservations]:
+    def reserve(self, plan: Plan, context: JobContext | None = None) -> Iterator[Reservations]:
         """Steps 2-3: hold the worst case against budgets and limits; release on failure."""
         held = Reservations()
         try:
             # Any candidate may serve the job: hold the costliest worst case.
             worst_case = max(c.estimate.cost_usd for c in plan.candidates)
             held.add(self.spend.reserve(user_id=plan.job.user_id, worst_case_usd=worst_case))
+            record = context.log_fields if context else None
+            held.add(self.limiter.reserve_plan(plan, record=record))  # 3. rate limits
             yield held
         except BaseException:
             held.release()
@@ -260,6 +267,7 @@ class Pipeline:
             error=str(error) if error else None,
             error_kind=type(error).__name__ if error else None,
             prompt_hash=job.prompt_hash(),
+            **context.log_fields,
             **({"alert": logs.TRUNCATED_ALERT} if truncated else {}),
             **private,
             **saved,

@@ -6,7 +6,15 @@ import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigurationError
@@ -24,8 +32,29 @@ API_KEY_ENV: dict[str, str] = {
 GEMINI_OPENAI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
 
 
+OnLimit = Literal["fail", "defer"]
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+class UserLimits(BaseModel):
+    """One user's overrides of the per-user limits (0 turns a limit off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens_per_hour: int | None = Field(None, ge=0)
+    requests_per_minute: int | None = Field(None, ge=0)
+
+
+class ProviderLimits(BaseModel):
+    """A provider's (or one model's) account limits: requests and tokens per minute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -86,6 +115,38 @@ class Settings(BaseSettings):
     )
 
     # Rate limits (rate-limit issue)
+    user_tokens_per_hour: int = Field(
+        100_000, ge=0, validation_alias=_env("LLM_USER_TOKENS_PER_HOUR")
+    )
+    user_token_window_seconds: float = Field(
+        3600.0, gt=0, le=86_400, validation_alias=_env("LLM_USER_TOKEN_WINDOW_SECONDS")
+    )
+    user_requests_per_minute: int = Field(
+        0, ge=0, validation_alias=_env("LLM_USER_REQUESTS_PER_MINUTE")
+    )
+    user_request_window_seconds: float = Field(
+        60.0, gt=0, le=86_400, validation_alias=_env("LLM_USER_REQUEST_WINDOW_SECONDS")
+    )
+    user_limits: dict[str, UserLimits] = Field(
+        default_factory=dict, validation_alias=_env("LLM_USER_LIMITS")
+    )
+    provider_limits: dict[str, ProviderLimits] = Field(
+        default_factory=dict, validation_alias=_env("LLM_PROVIDER_LIMITS")
+    )
+    provider_window_seconds: float = Field(
+        60.0, gt=0, le=86_400, validation_alias=_env("LLM_PROVIDER_WINDOW_SECONDS")
+    )
+    rate_limit_prefix: str = Field(
+        "llmq:rl", min_length=1, validation_alias=_env("LLM_RATE_LIMIT_PREFIX")
+    )
+    on_limit: OnLimit = Field("fail", validation_alias=_env("LLM_ON_LIMIT"))
+    batch_on_limit: OnLimit = Field("defer", validation_alias=_env("LLM_BATCH_ON_LIMIT"))
+    defer_max_wait_seconds: float = Field(
+        600.0, gt=0, le=7 * 86_400, validation_alias=_env("LLM_DEFER_MAX_WAIT_SECONDS")
+    )
+    deferred_queue: str = Field(
+        "llm.deferred", min_length=1, validation_alias=_env("LLM_DEFERRED_QUEUE")
+    )
 
     # Response cache and idempotency (cache issue)
     cache_enabled: bool = Field(True, validation_alias=_env("LLM_CACHE_ENABLED"))
