@@ -11,14 +11,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker import logs, tokens
-from worker.errors import InvalidJobError, LLMQError
+from worker.breaker import CircuitBreaker
+from worker.connections import redis_client
+from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
 from worker.guard import CostGuard, Estimate
 from worker.models import CompletionJob, CompletionResult
 from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.reservations import Reservations
-from worker.resilience import Attempt, Outcome, Target, call_chain
-from worker.settings import ProviderName, Settings
+from worker.resilience import Attempt, Outcome, RetryPolicy, Target, call_chain
+from worker.settings import ProviderName, Settings, TruncationPolicy
+from worker.truncation import TruncationHandler
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +48,8 @@ class Plan:
     candidates: list[Candidate]
     temperature: float
     prompt_hash: str
+    on_truncation: TruncationPolicy
+    deadline: float  # time.monotonic() by which the provider calls must be done
 
     @property
     def primary(self) -> Candidate:
@@ -85,6 +90,9 @@ class Pipeline:
         self.settings = settings
         self.prices = load_prices(settings.prices_file)
         self.guard = CostGuard(self.prices, max_cost_per_request=settings.max_cost_per_request)
+        self.retry_policy = RetryPolicy.from_settings(settings)
+        self.breaker = CircuitBreaker.from_settings(redis_client(settings), settings)
+        self.truncation = TruncationHandler(self.guard, factor=settings.truncation_retry_factor)
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -101,6 +109,7 @@ class Pipeline:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
             with self.reserve(plan) as reservations:  # 2-3. daily budget, rate limits
                 outcome = self.call(plan, context)  # 5. provider chain
+                outcome = self.enforce_truncation(plan, context, outcome)  # 5b. finish "length"
                 result = self.result(plan, outcome, context, started)
                 reservations.settle(result)
         except LLMQError as exc:
@@ -116,6 +125,8 @@ class Pipeline:
             candidates=self.candidates(job),
             temperature=self.settings.temperature if job.temperature is None else job.temperature,
             prompt_hash=job.prompt_hash(),
+            on_truncation=job.on_truncation or self.settings.on_truncation,
+            deadline=time.monotonic() + self.settings.job_deadline_seconds,
         )
 
     @contextmanager
@@ -128,8 +139,10 @@ class Pipeline:
             held.release()
             raise
 
-    def call(self, plan: Plan, context: JobContext) -> Outcome:
-        """Step 5: the provider chain, every attempt logged."""
+    def call(
+        self, plan: Plan, context: JobContext, candidates: list[Candidate] | None = None
+    ) -> Outcome:
+        """Step 5: the provider chain with retries and the circuit breaker, every attempt logged."""
         job = plan.job
 
         def record(attempt: Attempt) -> None:
@@ -147,6 +160,8 @@ class Pipeline:
                 finish_reason=attempt.completion.finish_reason if attempt.completion else None,
                 error=str(attempt.error) if attempt.error else None,
                 error_kind=type(attempt.error).__name__ if attempt.error else None,
+                wait_seconds=attempt.wait_seconds,
+                probe=attempt.probe,
                 prompt_hash=plan.prompt_hash,
             )
 
@@ -161,16 +176,38 @@ class Pipeline:
                     timeout=self.settings.timeout_seconds,
                 ),
             )
-            for c in plan.candidates
+            for c in candidates or plan.candidates
         ]
-        return call_chain(targets, on_attempt=record)
+        return call_chain(
+            targets,
+            on_attempt=record,
+            policy=self.retry_policy,
+            gate=self.breaker,
+            deadline=plan.deadline,
+        )
+
+    def enforce_truncation(self, plan: Plan, context: JobContext, outcome: Outcome) -> Outcome:
+        """Step 5b: the job's policy for an answer cut off at max_tokens."""
+        served = next(c for c in plan.candidates if c.provider == outcome.provider)
+        return self.truncation.enforce(
+            outcome,
+            policy=plan.on_truncation,
+            messages=plan.job.messages,
+            estimate=served.estimate,
+            retry=lambda larger: self.call(
+                plan, context, [Candidate(provider=served.provider, estimate=larger)]
+            ),
+            request_id=plan.job.request_id,
+            task_id=context.task_id,
+            user_id=plan.job.user_id,
+        )
 
     def result(
         self, plan: Plan, outcome: Outcome, context: JobContext, started: float
     ) -> CompletionResult:
         """Step 7: the result, priced from the usage the provider reported."""
         served = next(c for c in plan.candidates if c.provider == outcome.provider)
-        usage = outcome.completion.usage
+        usage = outcome.usage  # a discarded truncated answer was paid for too
         return CompletionResult(
             request_id=plan.job.request_id,
             text=outcome.completion.text,
@@ -197,7 +234,9 @@ class Pipeline:
         error: BaseException | None = None,
     ) -> None:
         """Step 6: one `llm_job` record per job, failed or not."""
-        truncated = result is not None and result.truncated
+        truncated = (result is not None and result.truncated) or isinstance(
+            error, TruncatedResponseError
+        )
         logs.log_job(
             request_id=job.request_id,
             task_id=context.task_id,
