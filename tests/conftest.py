@@ -102,6 +102,10 @@ def worker_env(
         "LLM_VISIBILITY_TIMEOUT": "30",
         # Must stay below the visibility timeout (checked at start-up).
         "LLM_JOB_DEADLINE_SECONDS": "20",
+        # This worker serves every test: a circuit opened by one test's injected faults
+        # would send the tests after it to the fallback. Breaker tests start their own.
+        "LLM_BREAKER_FAILURES": "10000",
+        "LLM_BREAKER_MIN_CALLS": "1000000",
     }
 
 

@@ -15,11 +15,12 @@ from redis.retry import Retry
 
 from producer import submit
 from producer.cli import main
-from tests.conftest import StartWorker
+from tests.conftest import MakePipeline, StartWorker
 from tests.fakes import FakeProvider, Fault
 from tests.harness import RedisServer, free_port, wait_for
 from worker.breaker import BreakerConfig, CircuitBreaker, describe, endpoint, open_circuits
-from worker.errors import ProviderRequestError, ProviderUnavailableError
+from worker.errors import AllProvidersFailedError, ProviderRequestError, ProviderUnavailableError
+from worker.pipeline import JobContext
 from worker.resilience import Admission
 from worker.settings import load_settings
 
@@ -201,6 +202,7 @@ def test_primary_outage_100_jobs_via_fallback_and_circuit_stops_primary(
         queues=queue,
         OPENAI_BASE_URL=base_url,
         LLM_BREAKER_FAILURES=str(failures),
+        LLM_BREAKER_MIN_CALLS="20",
         LLM_BREAKER_COOLDOWN_SECONDS=str(cooldown),
         LLM_RETRY_ATTEMPTS=str(attempts),
         LLM_RETRY_INITIAL_WAIT_SECONDS="0.05",
@@ -245,3 +247,20 @@ def test_primary_outage_100_jobs_via_fallback_and_circuit_stops_primary(
     assert describe(redis_server.client(), name)["state"] == "closed"  # type: ignore[index]
     after = [submit(messages, user_id, queue=queue) for _ in range(5)]
     assert {job.get(timeout=30)["provider"] for job in after} == {"openai"}
+
+
+def test_open_circuits_everywhere_fail_fast_without_calls(
+    make_pipeline: MakePipeline, fake: FakeProvider, user_id: str
+) -> None:
+    fake.set_always("openai", Fault(status=503))
+    fake.set_always("anthropic", Fault(status=503))
+    pipeline = make_pipeline(LLM_BREAKER_FAILURES=2, LLM_RETRY_ATTEMPTS=2)
+    job = {"messages": [{"role": "user", "content": "Hi"}], "user_id": user_id}
+    with pytest.raises(AllProvidersFailedError):
+        pipeline.complete(job, context=JobContext())
+    assert (fake.requests("openai"), fake.requests("anthropic")) == (2, 2)
+
+    with pytest.raises(AllProvidersFailedError) as raised:
+        pipeline.complete(job, context=JobContext())
+    assert str(raised.value).count("circuit is open") == 2
+    assert fake.requests() == 4
