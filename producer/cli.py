@@ -14,7 +14,7 @@ def _complete(args: argparse.Namespace) -> int:
     from producer import submit
 
     options: dict[str, Any] = {}
-    for name in ("model", "temperature", "max_tokens", "request_id"):
+    for name in ("model", "temperature", "max_tokens", "request_id", "on_truncation"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     result = submit([{"role": "user", "content": args.prompt}], args.user, **options)
@@ -150,6 +150,15 @@ def _limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _circuits(args: argparse.Namespace) -> int:
+    from worker.breaker import open_circuits
+    from worker.connections import redis_client
+    from worker.settings import get_settings
+
+    print(json.dumps(open_circuits(redis_client(get_settings())), indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -162,6 +171,11 @@ def parser() -> argparse.ArgumentParser:
     complete.add_argument("--temperature", type=float)
     complete.add_argument("--max-tokens", type=int)
     complete.add_argument("--request-id")
+    complete.add_argument(
+        "--on-truncation",
+        choices=["fail", "retry_larger", "accept"],
+        help="when the answer hits max_tokens (default: LLM_ON_TRUNCATION)",
+    )
     complete.add_argument("--timeout", type=float, default=120.0)
     complete.set_defaults(run=_complete)
 
@@ -229,6 +243,12 @@ def parser() -> argparse.ArgumentParser:
     # health (observability issue)
     health = commands.add_parser("health", help="fleet latency, circuits, queues (JSON)")
     health.set_defaults(run=_health)
+
+    # circuits (resilience issue)
+    circuits = commands.add_parser(
+        "circuits", help="print the providers whose circuit is open or half-open, as JSON"
+    )
+    circuits.set_defaults(run=_circuits)
 
     return root
 

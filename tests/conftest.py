@@ -143,6 +143,12 @@ def worker_env(
         "GEMINI_BASE_URL": f"{fake_server.url}/gemini/v1beta/openai/",
         "LLM_TIMEOUT_SECONDS": "5",
         "LLM_VISIBILITY_TIMEOUT": "30",
+        # Must stay below the visibility timeout (checked at start-up).
+        "LLM_JOB_DEADLINE_SECONDS": "20",
+        # This worker serves every test: a circuit opened by one test's injected faults
+        # would send the tests after it to the fallback. Breaker tests start their own.
+        "LLM_BREAKER_FAILURES": "10000",
+        "LLM_BREAKER_MIN_CALLS": "1000000",
     }
 
 
@@ -184,3 +190,36 @@ def worker(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterator[Work
 def user_id() -> str:
     """A user id no other test uses, so Redis counters never collide."""
     return f"user-{uuid.uuid4().hex[:10]}"
+
+
+MakePipeline = Callable[..., Any]
+
+
+@pytest.fixture
+def make_pipeline(fake: FakeProvider) -> MakePipeline:
+    """Build an in-process Pipeline against the fake: openai first, anthropic fallback.
+
+    Each pipeline gets its own endpoint path on the fake, so its circuits in the shared
+    Redis are its own. Keyword arguments are environment variable names.
+    """
+    from worker.pipeline import Pipeline
+    from worker.settings import load_settings
+
+    def make(**env: object) -> Pipeline:
+        path = uuid.uuid4().hex[:10]
+        settings = load_settings(
+            **{
+                "LLM_PROVIDER": "openai",
+                "LLM_FALLBACKS": "anthropic",
+                "OPENAI_API_KEY": OPENAI_TEST_KEY,
+                "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+                "OPENAI_BASE_URL": f"{fake.url}/{path}/v1",
+                "ANTHROPIC_BASE_URL": f"{fake.url}/{path}",
+                "LLM_TIMEOUT_SECONDS": 5,
+                "LLM_RETRY_INITIAL_WAIT_SECONDS": 0.05,
+                **env,
+            }
+        )
+        return Pipeline(settings)
+
+    return make

@@ -28,7 +28,7 @@ class Fault:
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-    body: str | None = None
+    body: str | None = None  # the response body, for an error status or a 200
     delay: float = 0.0
     finish_reason: str | None = None
     malformed: bool = False
@@ -126,6 +126,9 @@ class FakeProvider:
             return Response(
                 payload, fault.status, headers=fault.headers, content_type="application/json"
             )
+        if fault.body is not None:
+            # A 200 whose body is JSON, but not a usable completion.
+            return Response(fault.body, 200, headers=fault.headers, content_type="application/json")
         answer = _anthropic if api == "anthropic" else _openai
         return Response(
             json.dumps(answer(body, text, usage, fault.finish_reason)),

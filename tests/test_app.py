@@ -28,6 +28,10 @@ def test_safe_celery_configuration(app: Any) -> None:
     assert broker_vt == conf.result_backend_transport_options["visibility_timeout"]
     assert broker_vt <= 120
     assert conf.broker_transport_options["unacked_restore_throttle"] == 1
+    # Producers and workers ride out a Redis restart (tests/test_faults.py shows it).
+    assert conf.task_publish_retry and conf.task_publish_retry_policy["max_retries"] >= 5
+    assert conf.broker_connection_retry and conf.broker_connection_max_retries is None
+    assert conf.result_backend_always_retry
     import worker.tasks  # noqa: F401  (the worker imports it via `include`)
 
     assert app.tasks["llm.complete"].name == "llm.complete"

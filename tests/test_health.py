@@ -34,7 +34,7 @@ def test_health_ok_then_degraded_when_p95_is_over_threshold(
     total = report["latency_ms"]["total_latency_ms"]
     assert total["count"] == 10 and total["p95"] < 250
     assert set(report["latency_ms"]) == {"queue_wait_ms", "provider_latency_ms", "total_latency_ms"}
-    assert report["queues"] == {"llm": 0, "batch": 0}
+    assert report["queues"] == {"llm": 0, "batch": 0, "llm.deferred": 0}
 
     fake.set_always("openai", Fault(delay=0.4))
     for handle in [
@@ -52,4 +52,23 @@ def test_health_counts_waiting_jobs(isolated: Any, user_id: str) -> None:
         isolated.app.send_task("llm.complete", kwargs={**JOB, "user_id": user_id})
     isolated.app.send_task("llm.batch.probe", kwargs={}, queue="batch")
     _, report = health(isolated.env)
-    assert report["queues"] == {"llm": 3, "batch": 1}
+    assert report["queues"] == {"llm": 3, "batch": 1, "llm.deferred": 0}
+
+
+def test_open_circuit_degrades_health(isolated: Any) -> None:
+    from worker.breaker import CircuitBreaker
+    from worker.connections import connect
+    from worker.errors import ProviderUnavailableError
+    from worker.settings import load_settings
+
+    settings = load_settings(REDIS_URL=isolated.url, LLM_PROVIDER="openai", OPENAI_API_KEY="k")
+    breaker = CircuitBreaker.from_settings(connect(isolated.url), settings)
+    code, report = health(isolated.env)
+    assert code == 0 and report["open_circuits"] == []
+    for _ in range(settings.breaker_failures):
+        failure = ProviderUnavailableError("fake 503", provider="openai", status=503)
+        breaker.record("openai", error=failure, probe=False)
+    code, report = health(isolated.env)
+    assert code == 1 and report["status"] == "degraded"
+    assert [c["provider"] for c in report["open_circuits"]] == ["openai"]
+    assert any(reason.startswith("circuit open") for reason in report["reasons"])

@@ -248,7 +248,9 @@ def test_error_rebuilds_from_its_message_alone(redis_server: RedisServer) -> Non
 
 
 def test_defer_countdown_stays_within_bounds() -> None:
-    settings = load_settings(visibility_timeout=30, defer_max_wait_seconds=100)
+    settings = load_settings(
+        visibility_timeout=30, job_deadline_seconds=20, defer_max_wait_seconds=100
+    )
     error = RateLimitedError(
         "x [limit=user_tokens usage=1 requested=1 limit_value=1 retry_after=500.000s]"
     )

@@ -95,8 +95,10 @@ def test_nondeterministic_and_opted_out_jobs_are_not_stored(
 def test_truncated_answer_is_not_stored(worker: Worker, fake: FakeProvider, user_id: str) -> None:
     messages = question()
     fake.script("openai", Fault(finish_reason="length"))
-    first = submit(messages, user_id, temperature=0, check_cache=False).get(timeout=30)
-    assert first["finish_reason"] == "length"
+    first = submit(messages, user_id, temperature=0, check_cache=False, on_truncation="accept").get(
+        timeout=30
+    )
+    assert first["finish_reason"] == "length" and first["truncated"] is True
     assert not is_cached(messages, user_id, temperature=0)
     second = submit(messages, user_id, temperature=0, check_cache=False).get(timeout=30)
     assert fake.requests() == 2
@@ -186,6 +188,7 @@ def test_worker_killed_before_ack_does_not_call_again(
     env = {
         **worker_env,
         "LLM_VISIBILITY_TIMEOUT": "8",
+        "LLM_JOB_DEADLINE_SECONDS": "5",
         "LLMQ_TEST_KILL_AFTER_RUN": "1",
         "PYTHONPATH": str(ROOT),
     }
@@ -203,7 +206,9 @@ def test_worker_killed_before_ack_does_not_call_again(
     # Forget what the dead worker stored, so the result we read next is the redelivery's.
     app.backend.forget(job.id)
 
-    survivor = start_worker(concurrency=2, queues=queue, LLM_VISIBILITY_TIMEOUT="8")
+    survivor = start_worker(
+        concurrency=2, queues=queue, LLM_VISIBILITY_TIMEOUT="8", LLM_JOB_DEADLINE_SECONDS="5"
+    )
     result = AsyncResult(job.id, app=app).get(timeout=90)
 
     assert fake.requests() == 1

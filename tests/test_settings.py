@@ -98,3 +98,33 @@ def test_broker_and_backend_can_differ(monkeypatch: pytest.MonkeyPatch) -> None:
         "redis://broker:6379/0",
         "redis://backend:6379/1",
     )
+
+
+def test_job_deadline_must_stay_below_visibility_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_VISIBILITY_TIMEOUT", "30")
+    monkeypatch.setenv("LLM_JOB_DEADLINE_SECONDS", "30")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "LLM_JOB_DEADLINE_SECONDS=30 must be below LLM_VISIBILITY_TIMEOUT=30" in message
+    assert "Fix:" in message
+    monkeypatch.setenv("LLM_JOB_DEADLINE_SECONDS", "25")
+    assert load_settings().job_deadline_seconds == 25
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LLM_RETRY_ATTEMPTS", "0"),
+        ("LLM_BREAKER_FAILURE_RATE", "1.5"),
+        ("LLM_ON_TRUNCATION", "ignore"),
+        ("LLM_TRUNCATION_RETRY_FACTOR", "1"),
+    ],
+)
+def test_invalid_resilience_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert name in str(raised.value)

@@ -8,11 +8,18 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker import redis_transport
 from worker.settings import Settings, get_settings
 
 QUEUE = "llm"
 BATCH_QUEUE = "batch"
 SENT_AT_HEADER = "llmq_sent_at"
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 10,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -54,7 +61,16 @@ def configure(app: Celery, settings: Settings) -> None:
         broker_use_ssl=ssl_options(settings.broker),
         redis_backend_use_ssl=ssl_options(settings.backend),
         broker_connection_retry_on_startup=True,
+        # Workers reconnect for as long as Redis is away (a restart, a failover).
+        broker_connection_retry=True,
         broker_connection_max_retries=None,
+        # Producers ride out a Redis restart (seconds, with AOF) instead of raising:
+        # publishing retries for up to ~15 s (0, 0.5, 1, 1.5, then every 2 s).
+        task_publish_retry=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+        # Storing and reading results retries through a restart too.
+        result_backend_always_retry=True,
+        result_backend_max_retries=10,
         # JSON only: pickle would let anyone who can write to Redis run code.
         task_serializer="json",
         result_serializer="json",
@@ -83,6 +99,7 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
+redis_transport.install()
 app = Celery("llmq", include=["worker.tasks"])
 configure(app, get_settings())
 

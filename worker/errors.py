@@ -127,5 +127,13 @@ class MalformedResponseError(ProviderError):
     """The provider answered with something that is not a usable completion."""
 
 
+class CircuitOpenError(ProviderError):
+    """The provider's shared circuit is open: it failed too often and is cooling down."""
+
+
 class AllProvidersFailedError(LLMQError):
     """Every provider in the chain failed; the message lists each last error."""
+
+
+class DeadlineExceededError(AllProvidersFailedError):
+    """The job ran out of its overall deadline (LLM_JOB_DEADLINE_SECONDS) before any answer."""

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from worker.app import BATCH_QUEUE, QUEUE
+from worker.breaker import open_circuits
 from worker.connections import connect, redis_client
 from worker.metrics import LatencyRecorder
 from worker.settings import Settings
@@ -29,11 +30,6 @@ def queue_lengths(broker: redis.Redis, queues: tuple[str, ...]) -> dict[str, int
     }
 
 
-def open_circuits(client: redis.Redis) -> list[dict[str, Any]]:
-    """Providers whose circuit breaker is open (none until the breaker records any)."""
-    return []
-
-
 def report(settings: Settings) -> dict[str, Any]:
     """The health report `llmq health` prints and GET /health serves."""
     client = redis_client(settings)
@@ -47,7 +43,7 @@ def report(settings: Settings) -> dict[str, Any]:
             f"P95 total latency {float(p95):.0f} ms exceeds LLM_P95_ALERT_MS="
             f"{settings.p95_alert_ms:.0f}"
         )
-    reasons.extend(f"circuit open: {c.get('provider')}" for c in circuits)
+    reasons.extend(f"circuit {c['state']}: {c['circuit']}" for c in circuits)
     broker = client if settings.broker == settings.redis_url else connect(settings.broker)
     return {
         "status": "degraded" if reasons else "ok",
@@ -56,5 +52,5 @@ def report(settings: Settings) -> dict[str, Any]:
         "p95_alert_ms": settings.p95_alert_ms,
         "latency_ms": latency,
         "open_circuits": circuits,
-        "queues": queue_lengths(broker, (QUEUE, BATCH_QUEUE)),
+        "queues": queue_lengths(broker, (QUEUE, BATCH_QUEUE, settings.deferred_queue)),
     }

@@ -36,6 +36,8 @@ class CompletionJob(BaseModel):
     model: StrictStr | None = Field(None, min_length=1, max_length=200)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
+    # What to do on finish_reason "length"; None: LLM_ON_TRUNCATION.
+    on_truncation: Literal["fail", "retry_larger", "accept"] | None = None
     request_id: StrictStr = Field(
         default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200
     )

@@ -13,6 +13,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import logs, tokens
+from worker.breaker import CircuitBreaker
 from worker.connections import redis_client
 from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
 from worker.guard import CostGuard, Estimate
@@ -22,10 +23,11 @@ from worker.models import CompletionJob, CompletionResult, Usage
 from worker.prices import ModelPrice, load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.reservations import Reservations
-from worker.resilience import Attempt, Outcome, Target, call_chain
+from worker.resilience import Attempt, Outcome, RetryPolicy, Target, call_chain
 from worker.reuse import ResultReuse, Reused
-from worker.settings import ProviderName, Settings
+from worker.settings import ProviderName, Settings, TruncationPolicy
 from worker.spend import SpendTracker
+from worker.truncation import TruncationHandler
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,8 @@ class Plan:
     candidates: list[Candidate]
     temperature: float
     prompt_hash: str
+    on_truncation: TruncationPolicy
+    deadline: float  # time.monotonic() by which the provider calls must be done
 
     @property
     def primary(self) -> Candidate:
@@ -100,6 +104,9 @@ class Pipeline:
         self.reuse = ResultReuse(settings, self.prices)
         self.spend = SpendTracker.from_settings(settings)
         self.limiter = RateLimiter(settings)
+        self.retry_policy = RetryPolicy.from_settings(settings)
+        self.breaker = CircuitBreaker.from_settings(redis_client(settings), settings)
+        self.truncation = TruncationHandler(self.guard, factor=settings.truncation_retry_factor)
 
     def warm(self) -> None:
         """Check every chain model is priced, build the providers, load the encoding."""
@@ -118,10 +125,11 @@ class Pipeline:
             with self.reuse.flight(job, queue_wait_ms=context.queue_wait_ms) as flight:
                 reused = flight.reused
                 if reused is None:
-                    with self.reserve(
-                        plan, context
-                    ) as reservations:  # 2-3. daily budget, rate limits
+                    # 2-3. daily budget, rate limits
+                    with self.reserve(plan, context) as reservations:
                         outcome = self.call(plan, context)  # 5. provider chain
+                        # 5b. finish_reason "length": fail, retry larger or accept
+                        outcome = self.enforce_truncation(plan, context, outcome)
                         result = self.result(plan, outcome, context, started)
                         flight.record(result)  # paid for: kept before anything else can fail
                         reservations.settle(result)
@@ -143,6 +151,8 @@ class Pipeline:
             candidates=self.candidates(job),
             temperature=self.settings.temperature if job.temperature is None else job.temperature,
             prompt_hash=job.prompt_hash(),
+            on_truncation=job.on_truncation or self.settings.on_truncation,
+            deadline=time.monotonic() + self.settings.job_deadline_seconds,
         )
 
     @contextmanager
@@ -160,8 +170,10 @@ class Pipeline:
             held.release()
             raise
 
-    def call(self, plan: Plan, context: JobContext) -> Outcome:
-        """Step 5: the provider chain, every attempt logged."""
+    def call(
+        self, plan: Plan, context: JobContext, candidates: list[Candidate] | None = None
+    ) -> Outcome:
+        """Step 5: the provider chain with retries and the circuit breaker, every attempt logged."""
         job = plan.job
 
         prices: dict[str, ModelPrice] = {c.provider: c.estimate.price for c in plan.candidates}
@@ -185,6 +197,8 @@ class Pipeline:
                 cached=False,
                 error=str(attempt.error) if attempt.error else None,
                 error_kind=type(attempt.error).__name__ if attempt.error else None,
+                wait_seconds=attempt.wait_seconds,
+                probe=attempt.probe,
                 prompt_hash=plan.prompt_hash,
             )
 
@@ -199,16 +213,38 @@ class Pipeline:
                     timeout=self.settings.timeout_seconds,
                 ),
             )
-            for c in plan.candidates
+            for c in candidates or plan.candidates
         ]
-        return call_chain(targets, on_attempt=record)
+        return call_chain(
+            targets,
+            on_attempt=record,
+            policy=self.retry_policy,
+            gate=self.breaker,
+            deadline=plan.deadline,
+        )
+
+    def enforce_truncation(self, plan: Plan, context: JobContext, outcome: Outcome) -> Outcome:
+        """Step 5b: the job's policy for an answer cut off at max_tokens."""
+        served = next(c for c in plan.candidates if c.provider == outcome.provider)
+        return self.truncation.enforce(
+            outcome,
+            policy=plan.on_truncation,
+            messages=plan.job.messages,
+            estimate=served.estimate,
+            retry=lambda larger: self.call(
+                plan, context, [Candidate(provider=served.provider, estimate=larger)]
+            ),
+            request_id=plan.job.request_id,
+            task_id=context.task_id,
+            user_id=plan.job.user_id,
+        )
 
     def result(
         self, plan: Plan, outcome: Outcome, context: JobContext, started: float
     ) -> CompletionResult:
         """Step 7: the result, priced from the usage the provider reported."""
         served = next(c for c in plan.candidates if c.provider == outcome.provider)
-        usage = outcome.completion.usage
+        usage = outcome.usage  # a discarded truncated answer was paid for too
         return CompletionResult(
             request_id=plan.job.request_id,
             text=outcome.completion.text,

@@ -1,14 +1,35 @@
-"""Calling the provider chain: each candidate in order until one answers."""
+"""Calling the provider chain: retries per provider (tenacity), then the next provider."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
 
-from worker.errors import AllProvidersFailedError, ProviderError
-from worker.models import Completion
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from worker.errors import (
+    AllProvidersFailedError,
+    AuthenticationError,
+    CircuitOpenError,
+    DeadlineExceededError,
+    ProviderError,
+)
+from worker.logs import logger
+from worker.models import Completion, Usage
 from worker.providers import Provider, ProviderRequest
+from worker.settings import Settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +42,9 @@ class Attempt:
     latency_ms: float
     completion: Completion | None = None
     error: ProviderError | None = None
+    # Seconds slept before the next attempt on the same provider; None when none follows.
+    wait_seconds: float | None = None
+    probe: bool = False
 
 
 @dataclass(kw_only=True)
@@ -31,44 +55,274 @@ class Outcome:
     model: str
     completion: Completion
     attempts: list[Attempt] = field(default_factory=list)
+    # Answers received but not returned (a truncated one retried larger): still paid for.
+    discarded: list[Completion] = field(default_factory=list)
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens of every answer this job received, the returned one and the discarded ones."""
+        answers = [*self.discarded, self.completion]
+        return Usage(
+            input_tokens=sum(c.usage.input_tokens for c in answers),
+            output_tokens=sum(c.usage.output_tokens for c in answers),
+            cached_input_tokens=sum(c.usage.cached_input_tokens for c in answers),
+        )
 
 
 Target = tuple[Provider, ProviderRequest]
 OnAttempt = Callable[[Attempt], None]
 
 
-def call_chain(targets: list[Target], *, on_attempt: OnAttempt) -> Outcome:
-    """Try each (provider, request) in order; raise AllProvidersFailedError if none answers."""
+class Admission(Enum):
+    """What a circuit breaker says about calling a provider now."""
+
+    CLOSED = "closed"
+    PROBE = "probe"
+    OPEN = "open"
+
+
+class Gate(Protocol):
+    """A circuit breaker as the chain sees it."""
+
+    def admit(self, provider: str) -> Admission:
+        """May `provider` be called now, and is this call the half-open probe?"""
+        ...
+
+    def is_open(self, provider: str) -> bool:
+        """Whether `provider`'s circuit is open now (never takes the probe)."""
+        ...
+
+    def record(self, provider: str, *, error: ProviderError | None, probe: bool) -> None:
+        """Count one call's result against the provider's circuit."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How hard to try each provider, and how long a whole job may take."""
+
+    attempts: int = 3
+    initial_wait: float = 0.5
+    max_wait: float = 20.0
+    deadline: float = 60.0
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """The policy the settings describe."""
+        return cls(
+            attempts=settings.retry_attempts,
+            initial_wait=settings.retry_initial_wait,
+            max_wait=settings.retry_max_wait,
+            deadline=settings.job_deadline_seconds,
+        )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Only transient provider failures: 429, 408, 409, 5xx, 529, timeouts, connections."""
+    return isinstance(exc, ProviderError) and exc.transient
+
+
+class wait_retry_after(wait_base):
+    """The wait the server asked for (Retry-After, retry-after-ms), else `fallback`'s."""
+
+    def __init__(self, fallback: wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        """Seconds to wait before the next attempt."""
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        hint = getattr(error, "retry_after", None)
+        if isinstance(hint, (int, float)):
+            return float(hint)
+        return self.fallback(retry_state)
+
+
+class stop_when_wait_too_long(stop_base):
+    """Give up on a provider rather than sleep past `max_wait` or the job's deadline."""
+
+    def __init__(self, *, max_wait: float, deadline: float) -> None:
+        self.max_wait = max_wait
+        self.deadline = deadline
+
+        self.hit_deadline = False
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        """True when the upcoming sleep is over the cap or ends after the deadline."""
+        upcoming = retry_state.upcoming_sleep
+        if time.monotonic() + upcoming >= self.deadline:
+            self.hit_deadline = True
+            return True
+        return upcoming > self.max_wait
+
+
+def call_chain(
+    targets: list[Target],
+    *,
+    on_attempt: OnAttempt,
+    policy: RetryPolicy | None = None,
+    gate: Gate | None = None,
+    deadline: float | None = None,
+) -> Outcome:
+    """Try each (provider, request) in order, retrying the transient failures of each.
+
+    `deadline` is a `time.monotonic()` instant (default: now + policy.deadline).
+    Raises AllProvidersFailedError (DeadlineExceededError when time ran out) naming
+    each provider's last error.
+    """
+    policy = policy or RetryPolicy()
+    deadline = time.monotonic() + policy.deadline if deadline is None else deadline
     attempts: list[Attempt] = []
     last_errors: list[str] = []
+    out_of_time = False
     for provider, request in targets:
-        started = time.perf_counter()
+        if time.monotonic() >= deadline:
+            out_of_time = True
+            break
+        caller = _ProviderCaller(
+            provider, request, policy=policy, gate=gate, deadline=deadline, log=on_attempt
+        )
         try:
-            completion = provider.complete(request)
+            completion = caller.call(first_number=len(attempts) + 1)
         except ProviderError as exc:
-            attempt = Attempt(
-                provider=provider.name,
-                model=request.model,
-                number=len(attempts) + 1,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                error=exc,
-            )
-            attempts.append(attempt)
-            on_attempt(attempt)
+            if isinstance(exc, AuthenticationError):
+                # Loud on purpose: a revoked or mistyped key fails every job on this provider.
+                logger.error(
+                    "%s rejected its API key (HTTP %s): not retried, falling back. "
+                    "Fix: check the key for %s.",
+                    provider.name,
+                    exc.status,
+                    provider.name,
+                )
             last_errors.append(f"{provider.name} ({request.model}): {exc}")
             continue
-        attempt = Attempt(
-            provider=provider.name,
-            model=request.model,
-            number=len(attempts) + 1,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            completion=completion,
-        )
-        attempts.append(attempt)
-        on_attempt(attempt)
+        finally:
+            attempts.extend(caller.attempts)
+            out_of_time = out_of_time or caller.stop.hit_deadline
         return Outcome(
             provider=provider.name, model=request.model, completion=completion, attempts=attempts
+        )
+    if out_of_time:
+        raise DeadlineExceededError(
+            f"Job deadline of {policy.deadline:g}s (LLM_JOB_DEADLINE_SECONDS) reached "
+            "before any provider answered: "
+            + "; ".join(last_errors or ["no provider was tried"])
+            + ". Fix: raise LLM_JOB_DEADLINE_SECONDS (below LLM_VISIBILITY_TIMEOUT), "
+            "or lower LLM_TIMEOUT_SECONDS or LLM_RETRY_ATTEMPTS."
         )
     raise AllProvidersFailedError(
         "Every provider failed: " + "; ".join(last_errors or ["no provider configured"])
     )
+
+
+class _ProviderCaller:
+    """The attempts on one provider: tenacity decides whether and when to try again."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        request: ProviderRequest,
+        *,
+        policy: RetryPolicy,
+        gate: Gate | None,
+        deadline: float,
+        log: OnAttempt,
+    ) -> None:
+        self.provider = provider
+        self.request = request
+        self.policy = policy
+        self.gate = gate
+        self.deadline = deadline
+        self.log = log
+        self.attempts: list[Attempt] = []
+        self.probe = False
+        self._failed: Attempt | None = None  # logged once its wait is known
+        self._first = 1
+        self.stop = stop_when_wait_too_long(max_wait=policy.max_wait, deadline=deadline)
+
+    def call(self, *, first_number: int) -> Completion:
+        """Attempt the provider until it answers, retries are spent, or its circuit opens."""
+        self._first = first_number
+        admission = self.gate.admit(self.provider.name) if self.gate else Admission.CLOSED
+        if admission is Admission.OPEN:
+            logger.info("%s skipped: its circuit is open", self.provider.name)
+            raise CircuitOpenError(
+                f"{self.provider.name}'s circuit is open after repeated failures; skipped "
+                "until its cool-down probe (LLM_BREAKER_COOLDOWN_SECONDS)",
+                provider=self.provider.name,
+            )
+        # The half-open probe is a single call: its result alone decides the circuit.
+        self.probe = admission is Admission.PROBE
+        retrying = Retrying(
+            retry=retry_if_exception(is_retryable),
+            stop=stop_after_attempt(1 if self.probe else self.policy.attempts) | self.stop,
+            wait=wait_retry_after(
+                wait_exponential_jitter(
+                    multiplier=self.policy.initial_wait,
+                    max=self.policy.max_wait,
+                    jitter=self.policy.initial_wait,
+                )
+            ),
+            sleep=self.policy.sleep,
+            before_sleep=self._log_failed,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt)
+        finally:
+            self._log_failed(None)
+
+    def _attempt(self) -> Completion:
+        if self.attempts and self.gate and self.gate.is_open(self.provider.name):
+            # Other workers opened the circuit while we waited: stop paying for retries.
+            raise CircuitOpenError(
+                f"{self.provider.name}'s circuit opened during retries; moving on",
+                provider=self.provider.name,
+            )
+        request = self.request
+        remaining = self.deadline - time.monotonic()
+        if remaining < request.timeout:
+            request = dataclasses.replace(request, timeout=max(remaining, 0.1))
+        started = time.perf_counter()
+        try:
+            completion = self.provider.complete(request)
+        except ProviderError as exc:
+            self._record(exc)
+            self._failed = self._make(started, error=exc)
+            raise
+        self._record(None)
+        attempt = self._make(started, completion=completion)
+        self.attempts.append(attempt)
+        self.log(attempt)
+        return completion
+
+    def _make(
+        self,
+        started: float,
+        *,
+        completion: Completion | None = None,
+        error: ProviderError | None = None,
+    ) -> Attempt:
+        return Attempt(
+            provider=self.provider.name,
+            model=self.request.model,
+            number=self._first + len(self.attempts),
+            latency_ms=(time.perf_counter() - started) * 1000,
+            completion=completion,
+            error=error,
+            probe=self.probe,
+        )
+
+    def _log_failed(self, retry_state: RetryCallState | None) -> None:
+        if self._failed is None:
+            return
+        wait = round(retry_state.upcoming_sleep, 3) if retry_state else None
+        attempt = dataclasses.replace(self._failed, wait_seconds=wait)
+        self._failed = None
+        self.attempts.append(attempt)
+        self.log(attempt)
+
+    def _record(self, error: ProviderError | None) -> None:
+        if self.gate is not None:
+            self.gate.record(self.provider.name, error=error, probe=self.probe)

@@ -14,12 +14,14 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigurationError
 
 ProviderName = Literal["openai", "anthropic", "gemini", "extractive"]
+TruncationPolicy = Literal["fail", "retry_larger", "accept"]
 PROVIDERS: tuple[ProviderName, ...] = ("openai", "anthropic", "gemini", "extractive")
 
 # Which variable holds each provider's key; `extractive` runs offline and needs none.
@@ -160,6 +162,31 @@ class Settings(BaseSettings):
     )
 
     # Retries, fallback, circuit breaker, truncation (resilience issue)
+    retry_attempts: int = Field(3, ge=1, le=20, validation_alias=_env("LLM_RETRY_ATTEMPTS"))
+    retry_initial_wait: float = Field(
+        0.5, gt=0, le=60, validation_alias=_env("LLM_RETRY_INITIAL_WAIT_SECONDS")
+    )
+    retry_max_wait: float = Field(
+        20.0, gt=0, le=600, validation_alias=_env("LLM_RETRY_MAX_WAIT_SECONDS")
+    )
+    job_deadline_seconds: float = Field(
+        60.0, gt=0, le=3600, validation_alias=_env("LLM_JOB_DEADLINE_SECONDS")
+    )
+    breaker_failures: int = Field(5, ge=1, le=10_000, validation_alias=_env("LLM_BREAKER_FAILURES"))
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, validation_alias=_env("LLM_BREAKER_FAILURE_RATE")
+    )
+    breaker_min_calls: int = Field(20, ge=1, validation_alias=_env("LLM_BREAKER_MIN_CALLS"))
+    breaker_window_seconds: int = Field(
+        60, ge=1, le=86_400, validation_alias=_env("LLM_BREAKER_WINDOW_SECONDS")
+    )
+    breaker_cooldown_seconds: float = Field(
+        30.0, gt=0, le=86_400, validation_alias=_env("LLM_BREAKER_COOLDOWN_SECONDS")
+    )
+    on_truncation: TruncationPolicy = Field("fail", validation_alias=_env("LLM_ON_TRUNCATION"))
+    truncation_retry_factor: float = Field(
+        2.0, gt=1, le=16, validation_alias=_env("LLM_TRUNCATION_RETRY_FACTOR")
+    )
 
     # Latency metrics and health (observability issue)
     p95_alert_ms: float = Field(5000.0, gt=0, validation_alias=_env("LLM_P95_ALERT_MS"))
@@ -192,6 +219,19 @@ class Settings(BaseSettings):
     # Logs
     log_prompts: bool = Field(False, validation_alias=_env("LLM_LOG_PROMPTS"))
     log_level: str = Field("INFO", validation_alias=_env("LLM_LOG_LEVEL"))
+
+    @model_validator(mode="after")
+    def _deadline_below_visibility_timeout(self) -> Settings:
+        # A job still running when its message becomes visible again runs twice.
+        if self.job_deadline_seconds >= self.visibility_timeout:
+            raise ConfigurationError(
+                "Invalid llmq configuration:\n  "
+                f"LLM_JOB_DEADLINE_SECONDS={self.job_deadline_seconds:g} must be below "
+                f"LLM_VISIBILITY_TIMEOUT={self.visibility_timeout}: a job still running when "
+                "its message becomes visible again is delivered to a second worker. Fix: "
+                "lower LLM_JOB_DEADLINE_SECONDS or raise LLM_VISIBILITY_TIMEOUT (see .env.example)."
+            )
+        return self
 
     @field_validator("fallbacks", mode="before")
     @classmethod

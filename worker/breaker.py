@@ -1,0 +1,270 @@
+"""A circuit breaker per provider endpoint, shared by every worker through Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+
+from worker.errors import ProviderError, ProviderRequestError
+from worker.logs import logger
+from worker.resilience import Admission
+from worker.settings import GEMINI_OPENAI_BASE_URL, Settings
+
+PREFIX = "llmq:circuit:"
+INDEX = "llmq:circuits"
+# Circuits of endpoints nobody calls any more fade away.
+KEY_TTL_SECONDS = 7 * 86_400
+
+DEFAULT_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
+
+# KEYS: circuit hash, probe lock. ARGV: now, probe ttl (ms), probe token.
+_ADMIT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 'closed' end
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+if tonumber(ARGV[1]) < open_until then return 'open' end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return 'probe' end
+return 'open'
+"""
+
+# KEYS: circuit hash, probe lock, window counters, index.
+# ARGV: now, result (success|failure|neutral), probe (1|0), failures in a row,
+#       failure rate, min calls, window seconds, cooldown, last error, circuit, key ttl.
+_RECORD = """
+local now = tonumber(ARGV[1])
+local result, probe = ARGV[2], ARGV[3] == '1'
+local cooldown = tonumber(ARGV[8])
+redis.call('SADD', KEYS[4], ARGV[10])
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if result == 'neutral' then
+  if probe then redis.call('DEL', KEYS[2]) end
+  return state
+end
+redis.call('HINCRBY', KEYS[3], 'calls', 1)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]) * 2)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[11]))
+if result == 'success' then
+  redis.call('HSET', KEYS[1], 'consecutive', 0)
+  if probe and state == 'open' then
+    redis.call('HSET', KEYS[1], 'state', 'closed', 'closed_at', now)
+    redis.call('HDEL', KEYS[1], 'since', 'open_until', 'opens')
+    redis.call('DEL', KEYS[2], KEYS[3])
+    return 'closed'
+  end
+  return state
+end
+redis.call('HINCRBY', KEYS[3], 'failures', 1)
+local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
+redis.call('HSET', KEYS[1], 'last_error', ARGV[9], 'last_failure_at', now)
+if state == 'open' then
+  if probe then
+    redis.call('HSET', KEYS[1], 'open_until', now + cooldown)
+    redis.call('HINCRBY', KEYS[1], 'opens', 1)
+    redis.call('DEL', KEYS[2])
+  end
+  return 'open'
+end
+local calls = tonumber(redis.call('HGET', KEYS[3], 'calls'))
+local failures = tonumber(redis.call('HGET', KEYS[3], 'failures') or '0')
+local by_run = consecutive >= tonumber(ARGV[4])
+local by_rate = calls >= tonumber(ARGV[6]) and failures / calls >= tonumber(ARGV[5])
+if by_run or by_rate then
+  local reason = by_run and (consecutive .. ' failures in a row')
+    or (failures .. ' of ' .. calls .. ' calls failed')
+  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'open_until', now + cooldown,
+    'opens', 1, 'reason', reason)
+  return 'open'
+end
+return 'closed'
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig:
+    """When a circuit opens, and for how long."""
+
+    failures: int = 5
+    failure_rate: float = 0.5
+    min_calls: int = 20
+    window_seconds: int = 60
+    cooldown_seconds: float = 30.0
+    # How long one probe may hold the half-open slot before another job may probe.
+    probe_ttl_seconds: float = 35.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BreakerConfig:
+        """The configuration the settings describe."""
+        return cls(
+            failures=settings.breaker_failures,
+            failure_rate=settings.breaker_failure_rate,
+            min_calls=settings.breaker_min_calls,
+            window_seconds=settings.breaker_window_seconds,
+            cooldown_seconds=settings.breaker_cooldown_seconds,
+            probe_ttl_seconds=settings.timeout_seconds + 5,
+        )
+
+
+def endpoint(provider: str, settings: Settings) -> str:
+    """host[:port][/path] a provider calls: two deployments of one API are two circuits."""
+    url = {
+        "openai": settings.openai_base_url,
+        "anthropic": settings.anthropic_base_url,
+        "gemini": settings.gemini_base_url or GEMINI_OPENAI_BASE_URL,
+    }.get(provider)
+    if not url:
+        return DEFAULT_HOSTS.get(provider, "local")
+    parsed = urlparse(url)
+    # Only host and path: credentials in a URL must never reach Redis or `llmq circuits`.
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{host}{port}{parsed.path.rstrip('/')}"
+
+
+def counts_against(error: ProviderError | None) -> str:
+    """success, failure, or neutral (the request's own fault says nothing of the provider)."""
+    if error is None:
+        return "success"
+    return "neutral" if isinstance(error, ProviderRequestError) else "failure"
+
+
+class CircuitBreaker:
+    """Opens a provider's circuit after a run or a rate of failures, for every worker.
+
+    Closed: calls go through. Open: calls are skipped until the cool-down ends.
+    Then half-open: exactly one job wins the probe (SET NX with expiry); its success
+    closes the circuit, its failure opens it for another cool-down.
+    If Redis itself is unreachable the breaker lets calls through: it must never be
+    the reason a job fails.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        config: BreakerConfig | None = None,
+        endpoints: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.config = config or BreakerConfig()
+        self.endpoints = dict(endpoints or {})
+        self.clock = clock
+        self._admit = client.register_script(_ADMIT)
+        self._record = client.register_script(_RECORD)
+        self._token = uuid.uuid4().hex
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> CircuitBreaker:
+        """A breaker with the settings' thresholds and the chain's endpoints."""
+        return cls(
+            client,
+            config=BreakerConfig.from_settings(settings),
+            endpoints={name: endpoint(name, settings) for name in settings.chain},
+        )
+
+    def circuit(self, provider: str) -> str:
+        """The circuit's name: provider@endpoint."""
+        return f"{provider}@{self.endpoints.get(provider) or DEFAULT_HOSTS.get(provider, 'local')}"
+
+    def admit(self, provider: str) -> Admission:
+        """CLOSED (call), PROBE (call: you are the one half-open probe) or OPEN (skip)."""
+        name = self.circuit(provider)
+        try:
+            answer = self._admit(
+                keys=[PREFIX + name, PREFIX + name + ":probe"],
+                args=[self.clock(), int(self.config.probe_ttl_seconds * 1000), self._token],
+            )
+        except redis.RedisError as exc:
+            logger.warning("circuit breaker unavailable, calling %s anyway: %s", provider, exc)
+            return Admission.CLOSED
+        return Admission(answer)
+
+    def is_open(self, provider: str) -> bool:
+        """Whether the circuit is open right now (cool-down not over)."""
+        state = self.state(provider)
+        return state is not None and state["state"] == "open"
+
+    def record(self, provider: str, *, error: ProviderError | None, probe: bool) -> None:
+        """Count one call's result; may open or close the circuit."""
+        name = self.circuit(provider)
+        now = self.clock()
+        config = self.config
+        bucket = int(now // config.window_seconds)
+        try:
+            new_state = self._record(
+                keys=[
+                    PREFIX + name,
+                    PREFIX + name + ":probe",
+                    f"{PREFIX}{name}:window:{bucket}",
+                    INDEX,
+                ],
+                args=[
+                    now,
+                    counts_against(error),
+                    1 if probe else 0,
+                    config.failures,
+                    config.failure_rate,
+                    config.min_calls,
+                    config.window_seconds,
+                    config.cooldown_seconds,
+                    str(error)[:300] if error else "",
+                    name,
+                    KEY_TTL_SECONDS,
+                ],
+            )
+        except redis.RedisError as exc:
+            logger.warning("circuit breaker unavailable, %s not recorded: %s", provider, exc)
+            return
+        if probe:
+            logger.warning("circuit %s probe %s: now %s", name, counts_against(error), new_state)
+
+    def state(self, provider: str) -> dict[str, Any] | None:
+        """The circuit's state as `open_circuits` shows it, or None if it never failed."""
+        try:
+            return describe(self.client, self.circuit(provider), now=self.clock())
+        except redis.RedisError:
+            return None
+
+
+def describe(client: redis.Redis, name: str, *, now: float | None = None) -> dict[str, Any] | None:
+    """One circuit: closed, open (cooling down) or half_open (waiting for its probe)."""
+    raw: dict[str, str] = client.hgetall(PREFIX + name)  # type: ignore[assignment]
+    if not raw:
+        return None
+    now = time.time() if now is None else now
+    state = raw.get("state", "closed")
+    open_until = float(raw.get("open_until", 0) or 0)
+    if state == "open" and now >= open_until:
+        state = "half_open"
+    provider, _, where = name.partition("@")
+    return {
+        "circuit": name,
+        "provider": provider,
+        "endpoint": where,
+        "state": "open" if state == "open" else state,
+        "since": float(raw["since"]) if raw.get("since") else None,
+        "open_until": open_until if raw.get("open_until") else None,
+        "retry_in_seconds": round(max(0.0, open_until - now), 3) if state == "open" else 0.0,
+        "opens": int(raw.get("opens", 0) or 0),
+        "reason": raw.get("reason"),
+        "consecutive_failures": int(raw.get("consecutive", 0) or 0),
+        "last_error": raw.get("last_error") or None,
+    }
+
+
+def open_circuits(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every circuit that is open or half-open, for `llmq health` and `llmq circuits`."""
+    names: set[str] = client.smembers(INDEX)  # type: ignore[assignment]
+    found = []
+    for name in sorted(names):
+        described = describe(client, name)
+        if described is None:
+            client.srem(INDEX, name)
+        elif described["state"] != "closed":
+            found.append(described)
+    return found
