@@ -6,7 +6,7 @@ import pytest
 
 from tests.fakes import FakeProvider, Fault
 from worker import errors
-from worker.models import Message
+from worker.models import Completion, Message
 from worker.providers.anthropic import AnthropicProvider, to_anthropic
 from worker.providers.base import ProviderRequest, retry_after_seconds
 from worker.providers.extractive import ExtractiveProvider
@@ -156,11 +156,16 @@ def test_extractive_is_deterministic_and_offline() -> None:
     assert first == second
     assert first.text and all(s.strip() in document for s in first.text.split(". "))
     assert first.usage.output_tokens > 0 and first.finish_reason == "stop"
-    short = provider.complete(
-        request(
-            messages=[Message(role="user", content=document)],
-            model="extractive",
-            max_tokens=5,
+
+    def summary(max_tokens: int) -> Completion:
+        messages = [Message(role="user", content=document)]
+        return provider.complete(
+            request(messages=messages, model="extractive", max_tokens=max_tokens)
         )
-    )
-    assert short.finish_reason == "length" and short.usage.output_tokens <= 5
+
+    # Fewer whole sentences that fit are a complete summary ...
+    fewer = summary(first.usage.output_tokens - 1)
+    assert fewer.finish_reason == "stop" and fewer.text in first.text and fewer.text
+    # ... a first sentence cut short is not.
+    cut = summary(2)
+    assert cut.finish_reason == "length" and cut.usage.output_tokens <= 2

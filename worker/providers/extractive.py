@@ -64,8 +64,10 @@ class ExtractiveProvider:
         for sentence in picked or [source.strip()]:
             candidate = f"{text} {sentence}".strip()
             if tokens.count_text(candidate) > request.max_tokens:
-                finish = "length"
+                # Whole sentences that fit make a complete, shorter summary; only a
+                # first sentence cut mid-way is a truncated one.
                 if not text:
+                    finish = "length"
                     encoding = tokens.get_encoding("o200k_base")
                     text = encoding.decode(encoding.encode(candidate)[: request.max_tokens])
                 break
