@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from producer import submit
+from tests.accounting import Charges, charges, user_counters
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider, Fault
 from tests.harness import RedisServer, Worker, wait_for
@@ -32,6 +35,19 @@ FAST_REDELIVERY = {
 
 def succeeded_in(worker: Worker, task_id: str) -> bool:
     return f"llm.complete[{task_id}] succeeded" in worker.output()
+
+
+def llm_jobs(worker: Worker, user_id: str) -> list[dict[str, Any]]:
+    """The worker's `llm_job` records of `user_id`."""
+    records = []
+    for line in worker.output().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "llm_job" and record.get("user_id") == user_id:
+            records.append(record)
+    return records
 
 
 def test_sigkilled_worker_loses_no_job(
@@ -62,6 +78,20 @@ def test_sigkilled_worker_loses_no_job(
     assert not any(succeeded_in(doomed, job.id) for job in jobs)
     # Each job ran once more, on the second worker: 20 cut short + 20 redone, none twice.
     assert fake.requests("openai") == 40
+    # No duplicate charge: settled spend counts each of the 20 results once. The killed
+    # attempts never settled: their budget reservations are held, not spent, until
+    # LLM_BUDGET_RESERVATION_TTL frees them.
+    charged, billed = charges(user_id), Charges.of(results)
+    assert billed.cost_units > 0
+    assert replace(charged, limit_tokens=0) == replace(billed, limit_tokens=0)
+    assert user_counters(user_id)["reserved_units"] > 0
+    # The rate-limit window counts each result once, at its actual tokens, next to the
+    # killed attempts' reservations, which stay at their worst case until the window
+    # slides past them (worker/limits.py): the provider did receive those requests.
+    records = llm_jobs(rescuer, user_id)
+    assert sorted(r["request_id"] for r in records) == sorted(job.id for job in jobs)
+    (requested,) = {r["rate_limit"]["limits"]["user_tokens"]["requested"] for r in records}
+    assert charged.limit_tokens == billed.limit_tokens + 20 * requested
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from producer import submit
+from tests.accounting import Charges, charges, user_counters
 from tests.fakes import FakeProvider, Fault
 from tests.harness import ROOT, Worker, free_port, wait_for
 from worker.cache import ResponseCache, cache_request
@@ -65,10 +66,19 @@ def test_second_identical_job_is_a_cache_hit(
     fake.usage = {"input_tokens": 1000, "output_tokens": 200, "cached_input_tokens": 0}
     # check_cache=False: this test is about the worker's lookup, not the producer's.
     first = submit(messages, user_id, temperature=0, check_cache=False).get(timeout=30)
-    second_job = submit(messages, "another-user", temperature=0, check_cache=False)
+    charged = charges(user_id)
+    assert charged == Charges.of([first])
+    other_user = f"{user_id}-other"
+    second_job = submit(messages, other_user, temperature=0, check_cache=False)
     second = second_job.get(timeout=30)
+    # A hit for the user who paid is free too.
+    again = submit(messages, user_id, temperature=0, check_cache=False).get(timeout=30)
 
     assert fake.requests() == 1
+    assert again["cached"] is True and again["cost_usd"] == 0
+    # Hits settle nothing and reserve no tokens: no one is charged for them.
+    assert charges(user_id) == charged
+    assert charges(other_user) == Charges.of([])
     assert first["cached"] is False and first["cost_usd"] > 0
     assert second["cached"] is True and second["cost_usd"] == 0
     assert second["text"] == first["text"] and second["attempts"] == 0
@@ -156,6 +166,9 @@ def test_same_request_id_twice_makes_one_provider_request(
     assert records[0]["cost_usd"] == first["cost_usd"] > 0
     assert records[1]["reused"] == "replay" and records[1]["cost_usd"] == 0
     assert records[1]["cost_saved_usd"] == pytest.approx(first["cost_usd"])
+    # One charge: the replay settled no spend and holds no tokens or budget.
+    assert charges(user_id) == Charges.of([first])
+    assert user_counters(user_id)["reserved_units"] == 0
 
 
 def test_concurrent_deliveries_of_one_request_id_make_one_provider_request(
@@ -215,6 +228,9 @@ def test_worker_killed_before_ack_does_not_call_again(
     assert result["cost_usd"] == first["cost_usd"] and result["text"] == fake.text
     replay = one_llm_job(survivor, job.id)
     assert replay["reused"] == "replay" and replay["cost_usd"] == 0
+    # The dead worker settled before it died; the redelivery charged nothing more.
+    assert charges(user_id) == Charges.of([result])
+    assert user_counters(user_id)["reserved_units"] == 0
 
 
 def test_job_sent_without_request_id_is_keyed_by_its_task_id(
