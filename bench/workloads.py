@@ -182,7 +182,9 @@ def batch(env: Environment, report: Report) -> None:
     )
     section.notes.append(f"Target: within 10% of the rate-limit ideal: {verdict}.")
     if errors:
-        section.notes.append(f"{len(errors)} documents failed; the first said: {errors[0][:400]}")
+        # Celery's retry errors quote the task's kwargs, the document's text among them.
+        first = errors[0].split(" args:")[0][:400]
+        section.notes.append(f"{len(errors)} documents failed; the first said: {first}")
     section.notes.append(
         f"Why a {window:g} s window: the limiter is a sliding-window log, so the first window's "
         "whole allowance is usable at once and a run can beat calls / rate by up to one window "
