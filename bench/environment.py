@@ -46,6 +46,8 @@ class Environment:
             "OPENAI_API_KEY": BENCH_KEY,
             "OPENAI_BASE_URL": f"{self.fake_url}/v1",
             "LLM_TIMEOUT_SECONDS": "30",
+            # On, so every job still checks it, but too high for thousands of jobs to hit.
+            "LLM_USER_TOKENS_PER_HOUR": str(10**12),
         }
         from worker.app import app
 

@@ -17,6 +17,7 @@ from celery.result import ResultSet
 
 from bench.environment import Environment
 from bench.report import Report, ms
+from bench.workloads import batch, cache_hits, limiter
 from worker.metrics import percentile
 
 
@@ -146,8 +147,9 @@ def concurrency(env: Environment, report: Report) -> None:
         f"The fake answers after {delay:g} s. One worker process (threads pool, concurrency = "
         f"jobs in flight); {waves} x N jobs submitted at once. Ideal throughput by Little's "
         "law = jobs in flight / latency.",
-        ["in flight", "jobs", "wall", "throughput", "ideal", "ratio", "worker peak RSS"],
+        ["in flight", "jobs", "failed", "wall", "throughput", "ideal", "ratio", "worker peak RSS"],
     )
+    failures: list[str] = []
     env.control(delay=delay, reset=True)
     for level in levels:
         worker = env.start_worker(concurrency=level, LLM_WORKER_CONCURRENCY=str(level))
@@ -165,8 +167,14 @@ def concurrency(env: Environment, report: Report) -> None:
             )
             for i in range(count)
         ]
-        ResultSet(handles).join(timeout=600, propagate=True)
+        values = ResultSet(handles).join(timeout=600, propagate=False)
         wall = time.perf_counter() - started
+        errors = [value for value in values if isinstance(value, BaseException)]
+        if errors:
+            failures.append(
+                f"{level} in flight: {len(errors)} of {count} jobs failed, the first with "
+                f"{type(errors[0]).__name__}: {str(errors[0])[:200]}"
+            )
         peak = _peak_rss_mb(worker.process.pid)
         env.stop_worker(worker)
         throughput, ideal = count / wall, level / delay
@@ -174,6 +182,7 @@ def concurrency(env: Environment, report: Report) -> None:
             [
                 str(level),
                 str(count),
+                str(len(errors)),
                 f"{wall:.2f} s",
                 f"{throughput:.1f}/s",
                 f"{ideal:.0f}/s",
@@ -187,6 +196,7 @@ def concurrency(env: Environment, report: Report) -> None:
         "wave's start-up and the last wave's tail, so N x waves / (waves x latency) is the "
         "best possible."
     )
+    section.notes += failures
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -205,4 +215,7 @@ SECTIONS: dict[str, Callable[[Environment, Report], None]] = {
     "fake": fake_ceiling,
     "overhead": overhead,
     "concurrency": concurrency,
+    "cache": cache_hits,
+    "batch": batch,
+    "limiter": limiter,
 }

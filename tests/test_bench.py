@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,18 @@ def test_quick_benchmark_runs_every_section() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.stdout
-    for title in ("## Machine", "own ceiling", "1. Pipeline overhead", "2. I/O concurrency"):
+    for title in (
+        "## Machine",
+        "own ceiling",
+        "1. Pipeline overhead",
+        "2. I/O concurrency",
+        "3. Cache hits",
+        "4. Batch summarization under a provider rate limit",
+        "5. Rate limiter",
+    ):
         assert title in report
     assert "**added by llmq**" in report
+    assert "speed-up vs Celery no-op" in report
+    assert "**wall / ideal**" in report
+    assert "| documents (succeeded / failed) | 3 / 0 |" in report
+    assert re.search(r"\| `RateLimiter.check` \(Python, threads\) \| [\d,]+ \|", report)
