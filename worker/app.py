@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from worker import redis_transport
+from worker.connections import pool_size
 from worker.settings import Settings, get_settings
 
 QUEUE = "llm"
@@ -87,6 +88,8 @@ def configure(app: Celery, settings: Settings) -> None:
         task_send_sent_event=True,
         task_track_started=True,
         result_expires=settings.result_expires,
+        # redis-py 8 caps a pool at 100 connections; every worker thread may need one.
+        redis_max_connections=pool_size(settings),
         task_default_queue=QUEUE,
         # Declared so a worker started without -Q consumes both; each queue has its own
         # exchange and routing key, as Celery would create them, so no job is delivered twice.

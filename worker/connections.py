@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import redis
@@ -20,13 +20,31 @@ def redis_client(settings: Settings) -> redis.Redis:
     key = (settings.redis_url, settings.sentinel_master)
     with _lock:
         if key not in _clients:
-            _clients[key] = connect(settings.redis_url, sentinel_master=settings.sentinel_master)
+            _clients[key] = connect(
+                settings.redis_url,
+                sentinel_master=settings.sentinel_master,
+                max_connections=pool_size(settings),
+            )
         return _clients[key]
 
 
-def connect(url: str, *, sentinel_master: str = "mymaster") -> redis.Redis:
+def pool_size(settings: Settings) -> int:
+    """Connections one process may open: every worker thread can hold one, with room to spare."""
+    # redis-py 8 caps a pool at 100 by default and raises MaxConnectionsError past it,
+    # which 200 busy threads reach (the benchmark found it).
+    return max(100, 2 * settings.worker_concurrency + 16)
+
+
+def connect(
+    url: str, *, sentinel_master: str = "mymaster", max_connections: int = 100
+) -> redis.Redis:
     """A new client for `url`; sentinel URLs list hosts separated by ';' as kombu does."""
-    options = {"health_check_interval": 10, "socket_keepalive": True, "retry_on_timeout": True}
+    options: dict[str, Any] = {
+        "health_check_interval": 10,
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+        "max_connections": max_connections,
+    }
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, decode_responses=True, **options)
     hosts: list[tuple[str, int]] = []

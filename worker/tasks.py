@@ -101,19 +101,22 @@ def _summarizer(task: Task) -> Summarizer:
     )
 
 
-@app.task(name="llm.batch.summarize", bind=True)  # type: ignore[untyped-decorator]
+# Batch steps defer like llm.complete when rate-limited; the wait is bounded by
+# LLM_DEFER_MAX_WAIT_SECONDS, not by a retry count (deferred steps wake together and
+# may lose the race several times under a binding limit).
+@app.task(name="llm.batch.summarize", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def summarize_document(self: Task, **document: Any) -> dict[str, Any]:
     """Summarize one document, or start its chord; errors come back as values."""
     return _summarizer(self).document(document)
 
 
-@app.task(name="llm.batch.part", bind=True)  # type: ignore[untyped-decorator]
+@app.task(name="llm.batch.part", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def summarize_part(self: Task, **part: Any) -> dict[str, Any]:
     """Summarize one part of a long document; errors come back as values."""
     return _summarizer(self).part(part)
 
 
-@app.task(name="llm.batch.reduce", bind=True)  # type: ignore[untyped-decorator]
+@app.task(name="llm.batch.reduce", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def reduce_parts(self: Task, parts: list[Any], *, state: dict[str, Any]) -> dict[str, Any]:
     """Combine a chord's part summaries into the document's summary (or go a level up)."""
     return _summarizer(self).reduce(parts, state)
