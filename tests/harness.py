@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -171,9 +172,24 @@ class Worker:
         return self
 
     def output(self) -> str:
-        """Everything the worker has written so far."""
-        self._log.flush()
+        """Everything the worker has written so far (also after it stopped)."""
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def records(self, *events: str) -> list[dict[str, Any]]:
+        """The worker's JSON log records, of the given events only if any are named."""
+        found = []
+        for line in self.output().splitlines():
+            if not line.startswith("{"):
+                continue  # Celery's start-up banner is plain text
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (not events or record.get("event") in events):
+                found.append(record)
+        return found
 
     def kill(self) -> None:
         """SIGKILL the worker and its threads at once, as a crash would."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -39,15 +38,7 @@ def succeeded_in(worker: Worker, task_id: str) -> bool:
 
 def llm_jobs(worker: Worker, user_id: str) -> list[dict[str, Any]]:
     """The worker's `llm_job` records of `user_id`."""
-    records = []
-    for line in worker.output().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == "llm_job" and record.get("user_id") == user_id:
-            records.append(record)
-    return records
+    return [r for r in worker.records("llm_job") if r.get("user_id") == user_id]
 
 
 def test_sigkilled_worker_loses_no_job(

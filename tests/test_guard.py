@@ -355,13 +355,7 @@ def test_unknown_model_fallback_prices_conservatively_and_warns(
 
 
 def _records(worker: Worker) -> list[dict[str, Any]]:
-    records = []
-    for line in worker.output().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    return worker.records()
 
 
 def _job_record(worker: Worker, request_id: str) -> dict[str, Any]:

@@ -344,14 +344,7 @@ def start_workers(app: Any, worker_env: dict[str, str], run_dir: Path) -> Iterat
 
 def records(workers: list[Worker], event: str) -> list[dict[str, Any]]:
     """The JSON log records of `event` that `workers` wrote."""
-    found = []
-    for worker in workers:
-        for line in worker.output().splitlines():
-            if f'"{event}"' in line:
-                record = json.loads(line)
-                if record.get("event") == event:
-                    found.append(record)
-    return found
+    return [record for worker in workers for record in worker.records(event)]
 
 
 def private_env(**env: str) -> dict[str, str]:

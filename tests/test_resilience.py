@@ -37,11 +37,7 @@ def gaps(fake: FakeProvider, api: str) -> list[float]:
 
 
 def log_lines(worker: Worker, request_id: str) -> list[dict[str, Any]]:
-    records = []
-    for line in worker.output().splitlines():
-        if request_id in line and line.startswith("{"):
-            records.append(json.loads(line))
-    return records
+    return [r for r in worker.records() if request_id in json.dumps(r)]
 
 
 def test_429_retry_after_twice_then_success_through_worker(

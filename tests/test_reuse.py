@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,15 +30,7 @@ def question() -> list[dict[str, str]]:
 
 
 def llm_jobs(worker: Worker, request_id: str) -> list[dict[str, Any]]:
-    records = []
-    for line in worker.output().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == "llm_job" and record.get("request_id") == request_id:
-            records.append(record)
-    return records
+    return [r for r in worker.records("llm_job") if r.get("request_id") == request_id]
 
 
 def one_llm_job(worker: Worker, request_id: str) -> dict[str, Any]:

@@ -195,16 +195,7 @@ def test_response_cache_savings_are_counted(redis_server: RedisServer, user_id: 
 
 
 def _job_records(*workers: Worker) -> list[dict[str, Any]]:
-    records = []
-    for worker in workers:
-        # Read the file: a stopped worker's output() can no longer flush its handle.
-        for line in worker.log_path.read_text(errors="replace").splitlines():
-            if '"llm_job"' in line or '"llm_spend_alert"' in line:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-    return records
+    return [r for worker in workers for r in worker.records("llm_job", "llm_spend_alert")]
 
 
 @pytest.mark.parametrize(
