@@ -7,7 +7,15 @@ import json
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictStr,
+    field_validator,
+)
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
@@ -30,6 +38,7 @@ class CompletionJob(BaseModel):
     """The keyword arguments of `llm.complete`, validated before anything else runs."""
 
     model_config = ConfigDict(extra="forbid")
+    _prompt_hash: str | None = PrivateAttr(default=None)
 
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     user_id: StrictStr = Field(min_length=1, max_length=200)
@@ -67,7 +76,10 @@ class CompletionJob(BaseModel):
 
     def prompt_hash(self) -> str:
         """sha256 of the canonical JSON of the messages: stable across processes."""
-        return prompt_hash(self.messages)
+        # Planned and logged for every job: hash a long document once, not twice.
+        if self._prompt_hash is None:
+            self._prompt_hash = prompt_hash(self.messages)
+        return self._prompt_hash
 
 
 def prompt_hash(messages: list[Message]) -> str:
