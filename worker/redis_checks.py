@@ -1,4 +1,4 @@
-"""What a worker checks in Redis at start-up: that it never evicts, and that it persists.
+"""What a worker checks in Redis at start-up: no eviction, persistence; then it joins the fleet.
 
 A Redis that evicts keys silently drops queued jobs, results, budgets and rate-limit
 windows, so a worker refuses to start on one (unless LLM_ALLOW_EVICTING_REDIS accepts
@@ -261,15 +261,29 @@ def check(settings: Settings) -> list[Notice]:
 
 
 def prepare_worker(settings: Settings) -> None:
-    """At worker_init: check Redis; log the warnings once the worker is ready."""
+    """At worker_init: check Redis; once the worker is ready, warn and join the fleet."""
     from celery import signals
 
+    from worker import fleet
+    from worker.connections import redis_client
+
     notices = check(settings)
+    heartbeat = fleet.Heartbeat(
+        client=redis_client(settings),
+        fingerprint=fleet.Fingerprint.of(settings),
+        interval=settings.fleet_heartbeat_seconds,
+    )
 
     # worker_init comes before Celery's setup_logging: records logged now would not be
     # JSON, so they wait for worker_ready.
-    def ready(**_: Any) -> None:
+    def ready(sender: Any = None, **_: Any) -> None:
         for notice in notices:
             logger.warning(notice.message, extra={"event": notice.event, **notice.fields})
+        queues = list(sender.app.amqp.queues.consume_from) if sender is not None else []
+        heartbeat.start(name=str(getattr(sender, "hostname", "") or "worker"), queues=queues)
+
+    def shutdown(**_: Any) -> None:
+        heartbeat.stop()
 
     signals.worker_ready.connect(ready, weak=False)
+    signals.worker_shutdown.connect(shutdown, weak=False)
