@@ -77,6 +77,14 @@ def run_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated corpus (tests/corpus.py) written as files, one per document."""
+    from tests import corpus
+
+    return corpus.write(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeProvider]:
     """The fake provider for the whole session."""
     server = FakeProvider()
