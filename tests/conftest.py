@@ -118,6 +118,11 @@ def app() -> Any:
 _next_db = iter(range(1, 16))
 
 
+def next_db() -> int:
+    """A database of the session's Redis that no other test uses (0 is the shared one)."""
+    return next(_next_db)
+
+
 @pytest.fixture
 def isolated(worker_env: dict[str, str], redis_server: RedisServer) -> Iterator[Isolated]:
     """Broker, backend and llmq keys in a fresh database, unseen by other tests."""
@@ -126,7 +131,7 @@ def isolated(worker_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     from worker.app import configure
     from worker.settings import load_settings
 
-    url = f"redis://127.0.0.1:{redis_server.port}/{next(_next_db)}"
+    url = f"redis://127.0.0.1:{redis_server.port}/{next_db()}"
     celery_app = Celery("llmq-isolated", set_as_current=False)
     configure(celery_app, load_settings(REDIS_URL=url))
     yield Isolated(env={**worker_env, "REDIS_URL": url}, app=celery_app, url=url)

@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.conftest import next_db
 from tests.fakes import FakeProvider
 from tests.harness import Isolated, RedisServer, free_port, wait_for
 from worker.app import configure
@@ -109,7 +110,9 @@ def sentinel_url(
         [str(config), "--sentinel"],
         lambda: _pings(sentinel) and sentinel.sentinel_get_master_addr_by_name("llmq-master"),
     )
-    yield f"sentinel://127.0.0.1:{port}/7;sentinel://127.0.0.1:{free_port()}/7"
+    # A database of its own: a fixed number collided with the `isolated` ones.
+    db = next_db()
+    yield f"sentinel://127.0.0.1:{port}/{db};sentinel://127.0.0.1:{free_port()}/{db}"
     process.terminate()
     process.wait(timeout=10)
 
