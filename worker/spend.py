@@ -45,8 +45,9 @@ DIMENSIONS = ("user", "model", "provider")
 
 logger = logging.getLogger("llmq.spend")
 
-# KEYS: held reservations of the user, the user's counters.
-# ARGV: reservation id, units, budget units (-1: none), ttl seconds, retention seconds.
+# KEYS: held reservations of the user, the user's counters, the day's holders.
+# ARGV: reservation id, units, budget units (-1: none), ttl seconds, retention seconds,
+#       user id.
 # Returns {reserved?, spent units, units reserved by other jobs}.
 _RESERVE = """
 local now = tonumber(redis.call('TIME')[1])
@@ -68,6 +69,9 @@ if budget >= 0 and spent + reserved + units > budget then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. tostring(now + tonumber(ARGV[4])))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+-- Found by totals() before the user's first settle: in-flight money is shown too.
+redis.call('SADD', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return {1, tostring(spent), tostring(reserved)}
 """
 
@@ -144,6 +148,11 @@ class SpendKeys:
         return f"{self.prefix}:index"
 
     @property
+    def holders(self) -> str:
+        """Set of the users who reserved today, settled or not."""
+        return f"{self.prefix}:holders"
+
+    @property
     def alerted(self) -> str:
         """Set once, by the settle that first crosses the daily alert threshold."""
         return f"{self.prefix}:alerted"
@@ -214,8 +223,8 @@ class SpendTracker:
         reservation_id = uuid.uuid4().hex
         budget = -1 if self.budget_units is None else self.budget_units
         ok, spent, reserved = self._reserve(
-            keys=[keys.held(user_id), keys.counters("user", user_id)],
-            args=[reservation_id, units, budget, self.reservation_ttl, RETENTION_SECONDS],
+            keys=[keys.held(user_id), keys.counters("user", user_id), keys.holders],
+            args=[reservation_id, units, budget, self.reservation_ttl, RETENTION_SECONDS, user_id],
         )
         if not int(ok):
             raise DailyBudgetExceededError(
@@ -306,13 +315,18 @@ class SpendTracker:
     def totals(self, day: str | None = None) -> dict[str, Any]:
         """The day's counters: {"day", "total", "user"/"model"/"provider": {name: counters}}.
 
-        Each user's entry also has `reserved_units`: what its jobs in flight hold.
+        Each user's entry also has `reserved_units`: what its jobs in flight hold. Users
+        whose only jobs are still in flight are listed too, with zero counters; the
+        total's `reserved_units` is everyone's.
         """
         keys = self.keys(day)
-        members: set[str] = self.client.smembers(keys.index)  # type: ignore[assignment]
-        names = [(d, n) for d, _, n in (entry.partition(":") for entry in sorted(members))]
-        users = [name for dimension, name in names if dimension == "user"]
         pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(keys.index)
+        pipe.smembers(keys.holders)
+        members, holders = pipe.execute()
+        names = [(d, n) for d, _, n in (entry.partition(":") for entry in sorted(members))]
+        settled = {name for dimension, name in names if dimension == "user"}
+        users = sorted(settled | set(holders))
         pipe.hgetall(keys.total)
         for dimension, name in names:
             pipe.hgetall(keys.counters(dimension, name))
@@ -324,12 +338,18 @@ class SpendTracker:
         for (dimension, name), counters in zip(names, replies[1:], strict=False):
             report.setdefault(dimension, {})[name] = _ints(counters)
         now = time.time()
+        reserved_total = 0
         for user, held in zip(users, replies[1 + len(names) :], strict=True):
-            report["user"][user]["reserved_units"] = sum(
+            reserved = sum(
                 int(units)
                 for units, _, expires in (value.partition(":") for value in held.values())
                 if int(expires) > now
             )
+            if user not in settled and not reserved:
+                continue  # its jobs failed or expired: nothing spent, nothing held
+            report["user"].setdefault(user, _ints({}))["reserved_units"] = reserved
+            reserved_total += reserved
+        report["total"]["reserved_units"] = reserved_total
         return report
 
 
