@@ -222,7 +222,8 @@ def batch(env: Environment, report: Report) -> None:
 
 def limiter(env: Environment, report: Report) -> None:
     """RateLimiter.check from several threads, against redis-benchmark's EVAL on the server."""
-    from worker.limits import _RESERVE, RateLimiter
+    from worker.limits import RateLimiter
+    from worker.scripts import source
     from worker.settings import ProviderLimits, get_settings
 
     threads = 8
@@ -261,7 +262,7 @@ def limiter(env: Environment, report: Report) -> None:
 
     port = str(redis.Redis.from_url(env.redis.url).connection_pool.connection_kwargs["port"])
     baseline = _redis_benchmark(port, requests, threads, ["EVAL", "return 1", "0"])
-    sha = client.script_load(_RESERVE)
+    sha = client.script_load(source("return llmq.limits_reserve(KEYS, ARGV)"))
     keys = [key for limit in limits for key in limit.redis_keys]
     args = ["bench-reservation"]
     for limit in limits:
