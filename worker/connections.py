@@ -13,6 +13,7 @@ from redis.sentinel import Sentinel
 
 from worker.settings import Settings
 
+CLIENT_NAME = "llmq"
 _clients: dict[tuple[str, str], redis.Redis] = {}
 _lock = threading.Lock()
 
@@ -50,6 +51,8 @@ def connect(
         "socket_keepalive": True,
         "retry_on_timeout": True,
         "max_connections": max_connections,
+        # CLIENT LIST (and the round-trip test) tell llmq's connections from Celery's.
+        "client_name": CLIENT_NAME,
     }
     if timeout is not None:
         # A one-off check (the start-up checks) must not hang on an unreachable server:
