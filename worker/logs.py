@@ -42,6 +42,10 @@ def configure(*, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The HTTP clients log every request at INFO: a line per provider call that llm_call
+    # already records (and the cost of formatting it on the hot path).
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def log_call(**fields: Any) -> None:

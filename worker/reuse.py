@@ -130,6 +130,7 @@ class Flight:
         """The script part that keeps the answer and releases the leases."""
         reuse, request = self._reuse, self.request
         cached = request is not None and reuse.cache.storable_for(request, result)
+        stored = result.model_dump_json()
         return Part(
             "reuse_store",
             [
@@ -139,10 +140,10 @@ class Flight:
                 reuse.cache.lock_key(request) if request and self.take_cache_lease else "",
             ],
             [
-                result.model_dump_json(),
+                stored,
                 reuse.settings.result_expires,
                 self.token,
-                result.model_dump_json() if cached else "",
+                stored if cached else "",
                 reuse.cache.ttl,
             ],
         )

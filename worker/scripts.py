@@ -74,9 +74,19 @@ class Scripts:
     def _together(self, main: str, parts: list[Part]) -> list[Any]:
         layout = json.dumps([[p.function, len(p.keys), len(p.args)] for p in parts])
         keys = [key for part in parts for key in part.keys]
-        args: list[Any] = [layout, *(arg for part in parts for arg in part.args)]
-        replies: list[Any] = self._script(main)(keys=keys, args=args)
+        # Strings, as Redis would pass them: the scripts compare and convert them so.
+        args = json.dumps([_text(arg) for part in parts for arg in part.args])
+        replies: list[Any] = self._script(main)(keys=keys, args=[layout, args])
         return replies
+
+
+def _text(value: Any) -> str:
+    """An argument as Redis hands it to a script: floats like redis-py sends them (repr)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 _by_client: dict[int, Scripts] = {}
