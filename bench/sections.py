@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -18,6 +19,8 @@ from celery.result import ResultSet
 from bench.environment import Environment
 from bench.report import Report, ms
 from bench.workloads import batch, cache_hits, limiter
+from tests.harness import Monitor
+from worker.connections import CLIENT_NAME
 from worker.metrics import percentile
 
 
@@ -118,6 +121,15 @@ def overhead(env: Environment, report: Report) -> None:
             send(i).get(timeout=30)
             if i >= 0:
                 timings[name].append((time.perf_counter() - started) * 1000)
+    # CPU the worker process spends per job, and Redis commands per job by who sent them.
+    cpu = {
+        name: _cpu_ms_per_job(worker.process.pid, send, 20 if env.quick else 300)
+        for name, send in (("llm.complete", pipeline_job), ("bare", bare_job))
+    }
+    trips = {
+        name: _commands_per_job(env, send, 10 if env.quick else 100)
+        for name, send in (("llm.complete", pipeline_job), ("bare", bare_job))
+    }
     env.stop_worker(worker)
 
     full = {name: _quantiles(values) for name, values in timings.items()}
@@ -135,24 +147,54 @@ def overhead(env: Environment, report: Report) -> None:
     section.notes.append(
         f"Ratio llm.complete / bare at P50: {full['llm.complete'][0] / full['bare'][0]:.2f}x."
     )
+    section.notes.append(
+        f"Worker CPU per job: llm.complete {cpu['llm.complete']:.2f} ms, bare task "
+        f"{cpu['bare']:.2f} ms: llmq adds {cpu['llm.complete'] - cpu['bare']:.2f} ms of CPU."
+    )
+    ours, celery = trips["llm.complete"]
+    section.notes.append(
+        f"Redis round trips per job (MONITOR, attributed by connection name): llmq's own "
+        f"{ours:.2f} (target at most 3: {'met' if ours <= 3 else 'MISSED'}); Celery's and "
+        f"kombu's {celery:.1f} for llm.complete and {trips['bare'][1]:.1f} for the bare task."
+    )
 
 
 def concurrency(env: Environment, report: Report) -> None:
-    """Throughput with many slow calls in flight on one worker node, against Little's law."""
+    """Throughput with many slow calls in flight, against Little's law, on 1 and 2 processes."""
     delay = 0.2 if env.quick else 1.0
-    levels = [8] if env.quick else [50, 100, 200, 400]
+    runs = (
+        [(1, 8), (2, 8)]
+        if env.quick
+        else [(1, 50), (1, 100), (1, 200), (1, 400), (2, 200), (2, 1000)]
+    )
     waves = 2 if env.quick else 4
     section = report.section(
         "2. I/O concurrency",
-        f"The fake answers after {delay:g} s. One worker process (threads pool, concurrency = "
-        f"jobs in flight); {waves} x N jobs submitted at once. Ideal throughput by Little's "
-        "law = jobs in flight / latency.",
-        ["in flight", "jobs", "failed", "wall", "throughput", "ideal", "ratio", "worker peak RSS"],
+        f"The fake answers after {delay:g} s. Worker processes with the threads pool, the jobs "
+        f"in flight split between them; {waves} x N jobs submitted at once. Ideal throughput "
+        "by Little's law = jobs in flight / latency. Two processes is the documented layout "
+        "for a 2-core host (one `-P threads` process per core).",
+        [
+            "processes",
+            "in flight",
+            "jobs",
+            "failed",
+            "wall",
+            "throughput",
+            "ideal",
+            "ratio",
+            "peak RSS (all)",
+            "RSS per job in flight",
+        ],
     )
     failures: list[str] = []
     env.control(delay=delay, reset=True)
-    for level in levels:
-        worker = env.start_worker(concurrency=level, LLM_WORKER_CONCURRENCY=str(level))
+    for processes, level in runs:
+        per_process = level // processes
+        workers = [
+            env.start_worker(concurrency=per_process, LLM_WORKER_CONCURRENCY=str(per_process))
+            for _ in range(processes)
+        ]
         count = level * waves
         run_id = uuid.uuid4().hex[:8]
         started = time.perf_counter()
@@ -172,14 +214,16 @@ def concurrency(env: Environment, report: Report) -> None:
         errors = [value for value in values if isinstance(value, BaseException)]
         if errors:
             failures.append(
-                f"{level} in flight: {len(errors)} of {count} jobs failed, the first with "
-                f"{type(errors[0]).__name__}: {str(errors[0])[:200]}"
+                f"{processes} x {per_process} in flight: {len(errors)} of {count} jobs failed, "
+                f"the first with {type(errors[0]).__name__}: {str(errors[0])[:200]}"
             )
-        peak = _peak_rss_mb(worker.process.pid)
-        env.stop_worker(worker)
+        peak = sum(_peak_rss_mb(worker.process.pid) for worker in workers)
+        for worker in workers:
+            env.stop_worker(worker)
         throughput, ideal = count / wall, level / delay
         section.rows.append(
             [
+                str(processes),
                 str(level),
                 str(count),
                 str(len(errors)),
@@ -188,6 +232,7 @@ def concurrency(env: Environment, report: Report) -> None:
                 f"{ideal:.0f}/s",
                 f"{throughput / ideal:.0%}",
                 f"{peak:.0f} MB",
+                f"{peak * 1024 / level:.0f} kB",
             ]
         )
     env.control(delay=0.0, reset=True)
@@ -197,6 +242,37 @@ def concurrency(env: Environment, report: Report) -> None:
         "best possible."
     )
     section.notes += failures
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ms_per_job(pid: int, send: Callable[[int], Any], jobs: int) -> float:
+    """Worker CPU per job over `jobs` jobs run one after another."""
+    before = _cpu_seconds(pid)
+    for i in range(jobs):
+        send(10_000_000 + i).get(timeout=30)
+    return (_cpu_seconds(pid) - before) * 1000 / jobs
+
+
+def _commands_per_job(
+    env: Environment, send: Callable[[int], Any], jobs: int
+) -> tuple[float, float]:
+    """(llmq's own, everyone else's) top-level Redis commands per job, by MONITOR."""
+    monitor = Monitor(env.redis)
+    try:
+        for i in range(jobs):
+            send(20_000_000 + i).get(timeout=30)
+        seen = list(monitor.seen)
+        names = monitor.names()
+    finally:
+        monitor.stop()
+    counted = Monitor.round_trips(seen, names)
+    others = sum(n for name, n in counted.items() if name != CLIENT_NAME)
+    return counted[CLIENT_NAME] / jobs, others / jobs
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,3 +272,46 @@ class Flower:
         self.process.terminate()
         self.process.wait(timeout=10)
         self._log.close()
+
+
+class Monitor:
+    """Every command the server runs, as MONITOR reports them, until stopped."""
+
+    def __init__(self, server: RedisServer) -> None:
+        # (client "host:port", or "lua" for a script's own commands; command name)
+        self.seen: list[tuple[str, str]] = []
+        self._port = server.port
+        self._client = redis.Redis(port=server.port)
+        # MONITOR is on once this returns.
+        self._monitor = self._client.monitor().__enter__()  # type: ignore[no-untyped-call]
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._monitor.listen():
+                client = (
+                    "lua"
+                    if event.get("client_type") == "lua"
+                    else f"{event['client_address']}:{event['client_port']}"
+                )
+                self.seen.append((client, str(event["command"]).split(" ", 1)[0]))
+        except (redis.ConnectionError, ValueError, AttributeError, OSError):
+            return
+
+    def names(self) -> dict[str, str]:
+        """Client address -> connection name, for the clients connected now."""
+        return {
+            entry["addr"]: entry["name"] or "other"
+            for entry in redis.Redis(port=self._port).client_list()
+        }
+
+    @staticmethod
+    def round_trips(seen: list[tuple[str, str]], clients: dict[str, str]) -> Counter[str]:
+        """Top-level commands per connection name (scripts' inner commands excluded)."""
+        return Counter(clients.get(client, "other") for client, _ in seen if client != "lua")
+
+    def stop(self) -> None:
+        """Stop monitoring."""
+        self._client.connection_pool.disconnect()
+        self._thread.join(5)

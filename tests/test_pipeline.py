@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.fakes import FakeProvider
-from tests.harness import RedisServer, Worker, wait_for
+from tests.harness import Monitor, RedisServer, Worker, wait_for
 from worker.connections import CLIENT_NAME
 
 HAPPY_PATH_ROUND_TRIPS = 3
-
-
-class Monitor:
-    """Every command the server runs, as MONITOR reports them, until stopped."""
-
-    def __init__(self, server: RedisServer) -> None:
-        # (client "host:port", or "lua" for a script's own commands; command name)
-        self.seen: list[tuple[str, str]] = []
-        self._client = redis.Redis(port=server.port)
-        self._monitor = self._client.monitor().__enter__()  # MONITOR is on once this returns
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for event in self._monitor.listen():
-                client = (
-                    "lua"
-                    if event.get("client_type") == "lua"
-                    else f"{event['client_address']}:{event['client_port']}"
-                )
-                self.seen.append((client, str(event["command"]).split(" ", 1)[0]))
-        except (redis.ConnectionError, ValueError, AttributeError, OSError):
-            return
-
-    def stop(self) -> None:
-        self._client.connection_pool.disconnect()
-        self._thread.join(5)
 
 
 @pytest.fixture
@@ -52,11 +21,6 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis")
     yield server
     server.stop()
-
-
-def round_trips(seen: list[tuple[str, str]], clients: dict[str, str]) -> Counter[str]:
-    """Top-level commands per connection name (scripts' inner commands excluded)."""
-    return Counter(clients.get(client, "other") for client, _ in seen if client != "lua")
 
 
 def test_one_job_costs_at_most_three_round_trips_of_llmqs_own(
@@ -107,14 +71,11 @@ def test_one_job_costs_at_most_three_round_trips_of_llmqs_own(
             seen = list(monitor.seen)
         finally:
             monitor.stop()
-        names = {
-            entry["addr"]: entry["name"] or "other"
-            for entry in redis.Redis(port=private_redis.port).client_list()
-        }
+        names = monitor.names()
     finally:
         worker.stop()
     assert result["cached"] is False and result["cost_usd"] > 0
-    counted = round_trips(seen, names)
+    counted = Monitor.round_trips(seen, names)
     ours = [command for client, command in seen if names.get(client) == CLIENT_NAME]
     # llmq's own: the admission script and the settlement script.
     assert 1 <= counted[CLIENT_NAME] <= HAPPY_PATH_ROUND_TRIPS, (counted, ours)
