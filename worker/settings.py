@@ -160,7 +160,6 @@ class Settings(BaseSettings):
         "1", pattern=r"^[A-Za-z0-9._-]{1,64}$", validation_alias=_env("LLM_CACHE_VERSION")
     )
     cache_ttl: int = Field(86_400, ge=1, validation_alias=_env("LLM_CACHE_TTL"))
-    cache_lock_ttl: float = Field(10.0, ge=1, le=600, validation_alias=_env("LLM_CACHE_LOCK_TTL"))
     cache_wait_seconds: float = Field(
         60.0, ge=0, le=3600, validation_alias=_env("LLM_CACHE_WAIT_SECONDS")
     )
