@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-LIBRARIES = ("reuse", "budget", "limits", "breaker", "latency")
+LIBRARIES = ("parts", "reuse", "budget", "limits", "breaker", "latency")
 logger = logging.getLogger("llmq")
 
 

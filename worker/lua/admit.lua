@@ -1,20 +1,10 @@
 -- The job's admission, in one round trip: reuse, circuit, budget, rate limits.
--- KEYS: the parts' own, one after the other. ARGV[1]: a JSON list of [function, number of
--- keys, number of args] per part, in order; ARGV[2]: a JSON list of all the parts' args,
--- as strings (one argument to pack instead of dozens, on the client's side).
--- Each part runs in turn and the first that refuses ends the admission: what it held is
--- given back (a budget reservation, a half-open probe), except leases, which the caller
--- keeps or releases. Reply: the replies of the parts that ran, in order.
-local layout = cjson.decode(ARGV[1])
-local all_args = cjson.decode(ARGV[2])
-local k, a = 0, 0
+-- KEYS, ARGV: the parts' (see parts.lua). Each part runs in turn and the first that
+-- refuses ends the admission: what the earlier ones reserved is given back (a budget
+-- reservation, a half-open probe), except leases, which the caller keeps or releases.
+-- Reply: the replies of the parts that ran, in order.
 local replies, undo = {}, {}
-for _, part in ipairs(layout) do
-  local name, nkeys, nargs = part[1], part[2], part[3]
-  local keys, args = {}, {}
-  for i = 1, nkeys do keys[i] = KEYS[k + i] end
-  for i = 1, nargs do args[i] = all_args[a + i] end
-  k, a = k + nkeys, a + nargs
+llmq.each_part(KEYS, ARGV, function(name, keys, args)
   local reply = llmq[name](keys, args)
   replies[#replies + 1] = reply
   local go_on
@@ -27,7 +17,7 @@ for _, part in ipairs(layout) do
   end
   if not go_on then
     for _, command in ipairs(undo) do redis.call(unpack(command)) end
-    return replies
   end
-end
+  return go_on
+end)
 return replies

@@ -9,22 +9,17 @@
 --   'conflict' (the id is bound to another request), 'task_conflict' (another user's
 --   task id), 'replay', result json | 'cached', served json, the entry's cost (string) |
 --   'follow_job' (another delivery runs it) | 'follow_cache' (an identical job calls).
+-- Binds `key` to `value` unless it is bound already; false if bound to another value.
+local function bind(key, value, ttl)
+  local bound = redis.call('GET', key)
+  if not bound then redis.call('SET', key, value, 'EX', ttl) end
+  return not bound or bound == value
+end
+
 llmq.reuse_admit = function(KEYS, ARGV)
   local ttl = tonumber(ARGV[3])
-  local bound = redis.call('GET', KEYS[1])
-  if not bound then
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-  elseif bound ~= ARGV[1] then
-    return {0, 'conflict'}
-  end
-  if KEYS[4] ~= '' then
-    local owner = redis.call('GET', KEYS[4])
-    if not owner then
-      redis.call('SET', KEYS[4], ARGV[2], 'EX', ttl)
-    elseif owner ~= ARGV[2] then
-      return {0, 'task_conflict'}
-    end
-  end
+  if not bind(KEYS[1], ARGV[1], ttl) then return {0, 'conflict'} end
+  if KEYS[4] ~= '' and not bind(KEYS[4], ARGV[2], ttl) then return {0, 'task_conflict'} end
   local stored = redis.call('GET', KEYS[2])
   if stored then return {0, 'replay', stored} end
   local lease = redis.call('GET', KEYS[3])

@@ -1,17 +1,7 @@
 -- The job's settlement, in one round trip: every part runs, in order.
--- KEYS: the parts' own, one after the other. ARGV[1]: a JSON list of [function, number of
--- keys, number of args] per part; ARGV[2]: a JSON list of all the parts' args, as strings.
--- Reply: the replies of the parts, in order.
-local layout = cjson.decode(ARGV[1])
-local all_args = cjson.decode(ARGV[2])
-local k, a = 0, 0
+-- KEYS, ARGV: the parts' (see parts.lua). Reply: the replies of the parts, in order.
 local replies = {}
-for _, part in ipairs(layout) do
-  local name, nkeys, nargs = part[1], part[2], part[3]
-  local keys, args = {}, {}
-  for i = 1, nkeys do keys[i] = KEYS[k + i] end
-  for i = 1, nargs do args[i] = all_args[a + i] end
-  k, a = k + nkeys, a + nargs
+llmq.each_part(KEYS, ARGV, function(name, keys, args)
   replies[#replies + 1] = llmq[name](keys, args)
-end
+end)
 return replies
