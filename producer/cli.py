@@ -54,8 +54,11 @@ def _summarize(args: argparse.Namespace) -> int:
         with stop_on_signals(run, on_stop=view.stopping), view:
             report = run.run()
     except KeyboardInterrupt:
+        from rich.text import Text
+
         saved = f" in {args.out}" if args.out else ""
-        console.print(f"interrupted: the documents finished so far are saved{saved}")
+        # Text, not markup: a path such as "out[1].jsonl" prints as it is.
+        console.print(Text(f"interrupted: the documents finished so far are saved{saved}"))
         return 130
     console.print(report_table(report))
     if report.interrupted:
