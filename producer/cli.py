@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,18 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def _cache_version(value: str) -> str:
+    from worker.settings import CACHE_VERSION_PATTERN
+
+    # The version becomes part of a SCAN pattern: '*' or '?' would match other versions.
+    if re.fullmatch(CACHE_VERSION_PATTERN, value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a cache version: use 1 to 64 letters, digits, '.', '_' or '-' "
+            "(no glob characters), as in LLM_CACHE_VERSION"
+        )
+    return value
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -234,12 +247,16 @@ def parser() -> argparse.ArgumentParser:
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     stats = cache_commands.add_parser("stats", help="entries, bytes, hit rate, savings")
     which = stats.add_mutually_exclusive_group()
-    which.add_argument("--version", help="a cache version (default: LLM_CACHE_VERSION)")
+    which.add_argument(
+        "--version", type=_cache_version, help="a cache version (default: LLM_CACHE_VERSION)"
+    )
     which.add_argument("--all", action="store_true", help="every cache version together")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_cache_stats)
     clear = cache_commands.add_parser("clear", help="delete cached answers (SCAN, not KEYS)")
-    clear.add_argument("--version", help="only this cache version (default: every version)")
+    clear.add_argument(
+        "--version", type=_cache_version, help="only this cache version (default: every version)"
+    )
     clear.add_argument("--json", action="store_true")
     clear.set_defaults(run=_cache_clear)
 

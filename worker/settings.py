@@ -33,6 +33,10 @@ API_KEY_ENV: dict[str, str] = {
 
 GEMINI_OPENAI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
 
+# A cache version names a key prefix in Redis: no glob characters, so `llmq cache clear
+# --version` can never match other versions.
+CACHE_VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
 
 OnLimit = Literal["fail", "defer"]
 
@@ -153,7 +157,7 @@ class Settings(BaseSettings):
     # Response cache and idempotency (cache issue)
     cache_enabled: bool = Field(True, validation_alias=_env("LLM_CACHE_ENABLED"))
     cache_version: str = Field(
-        "1", pattern=r"^[A-Za-z0-9._-]{1,64}$", validation_alias=_env("LLM_CACHE_VERSION")
+        "1", pattern=CACHE_VERSION_PATTERN, validation_alias=_env("LLM_CACHE_VERSION")
     )
     cache_ttl: int = Field(86_400, ge=1, validation_alias=_env("LLM_CACHE_TTL"))
     cache_lock_ttl: float = Field(10.0, ge=1, le=600, validation_alias=_env("LLM_CACHE_LOCK_TTL"))
