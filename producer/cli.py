@@ -175,6 +175,54 @@ def _circuits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    try:
+        token, key = KeyStore.from_settings(get_settings()).create(args.user, args.name)
+    except ValueError as exc:
+        print(f"llmq keys create: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**key.as_dict(), "key": token}))
+    else:
+        # The key alone on stdout, so `KEY=$(llmq keys create alice)` works.
+        print(token)
+        print(
+            f"created key {key.id} for user {key.user_id!r}; it is shown only this once "
+            "(llmq stores its sha256): send it as 'Authorization: Bearer <key>'",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    keys = [key.as_dict() for key in KeyStore.from_settings(get_settings()).list()]
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    if not keys:
+        print("no API keys")
+    for key in keys:
+        print(f"{key['id']}  {key['created']}  user={key['user_id']!r}  name={key['name']!r}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    if not KeyStore.from_settings(get_settings()).revoke(args.key_id):
+        print(f"llmq keys revoke: no key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked key {args.key_id}: requests with it now get 401")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -259,6 +307,21 @@ def parser() -> argparse.ArgumentParser:
     )
     clear.add_argument("--json", action="store_true")
     clear.set_defaults(run=_cache_clear)
+
+    # keys (issue 18): API keys of the HTTP front
+    keys = commands.add_parser("keys", help="API keys of the HTTP front (producer.web)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="make a key for USER; prints it once")
+    create.add_argument("user", metavar="USER", help="the user id every request is charged to")
+    create.add_argument("--name", default="", help="what the key is for, e.g. the app's name")
+    create.add_argument("--json", action="store_true", help="print the key and its record")
+    create.set_defaults(run=_keys_create)
+    listing = keys_commands.add_parser("list", help="ids, users, names and creation times")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys_commands.add_parser("revoke", help="delete a key at once")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the id `llmq keys list` shows")
+    revoke.set_defaults(run=_keys_revoke)
 
     # health (observability issue)
     health = commands.add_parser("health", help="fleet latency, circuits, queues (JSON)")
