@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import redis
 from pydantic import ValidationError
+from redis.typing import EncodableT, FieldT
 
 from worker.connections import redis_client
 from worker.models import CompletionJob
@@ -83,7 +84,9 @@ class KeyStore:
             name=name,
             created=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
-        fields = {"digest": digest(token), **record.as_dict()}
+        stored = {"digest": digest(token), **record.as_dict()}
+        # Built field by field: redis-py's hash mapping type takes no dict[str, str].
+        fields: dict[FieldT, EncodableT] = {name: value for name, value in stored.items()}
         self.redis.hset(PREFIX + key_id, mapping=fields)
         return token, record
 

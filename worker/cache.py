@@ -201,7 +201,9 @@ class ResponseCache:
         """Delete the entries and counters of `version` (every version when None)."""
         deleted = 0
         for kind in ("entry", "stats"):
-            pattern = f"{PREFIX}:{_scan_version(version)}:{kind}" + (":*" if kind == "entry" else "")
+            pattern = f"{PREFIX}:{_scan_version(version)}:{kind}" + (
+                ":*" if kind == "entry" else ""
+            )
             # SCAN in batches, never KEYS: the cache may hold millions of entries.
             for batch in _batches(self.redis.scan_iter(match=pattern, count=500)):
                 removed = self.redis.unlink(*batch)
