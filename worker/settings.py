@@ -224,6 +224,15 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, validation_alias=_env("LLM_LOG_PROMPTS"))
     log_level: str = Field("INFO", validation_alias=_env("LLM_LOG_LEVEL"))
 
+    # --- HTTP front (issue 18) ---------------------------------------------------
+    # API keys on every request (`llmq keys create USER`); false only on a trusted network.
+    http_auth: bool = Field(True, validation_alias=_env("LLM_HTTP_AUTH"))
+    # Larger request bodies get 413 before they are read in full or parsed.
+    http_max_body_bytes: int = Field(
+        1_048_576, ge=1, le=1_073_741_824, validation_alias=_env("LLM_HTTP_MAX_BODY_BYTES")
+    )
+    # --- end HTTP front ------------------------------------------------------------
+
     @model_validator(mode="after")
     def _deadline_below_visibility_timeout(self) -> Settings:
         # A job still running when its message becomes visible again runs twice.
