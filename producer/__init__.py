@@ -6,9 +6,13 @@ import uuid
 from typing import Any
 
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from producer.cached import CachedResult, lookup
-from worker.app import QUEUE, app
+from worker.app import app
+from worker.constants import COMPLETE_TASK, QUEUE
+from worker.idempotency import task_id_for
+from worker.models import CompletionJob
 
 __all__ = ["CachedResult", "app", "submit"]
 
@@ -23,28 +27,28 @@ def submit(
     **options: Any,
 ) -> AsyncResult | CachedResult:
     """Enqueue an `llm.complete` job; `options` are model, temperature, max_tokens,
-    request_id, cache, trim,
-    on_limit.
+    request_id, cache, trim, on_truncation, on_limit.
 
     Unless `check_cache=False`, a job whose answer is already known comes back resolved
     and is not sent: a cacheable job found in the response cache, or a re-submitted
-    request_id whose result is stored.
+    request_id whose result is stored (for the same user and the same request).
     """
     # A caller's own request_id may be a retry of an earlier submission.
     replay = "request_id" in options
-    # The request id doubles as the task id, so logs, results and Flower line up.
-    options.setdefault("request_id", str(uuid.uuid4()))
+    options.setdefault("request_id", uuid.uuid4().hex)
     kwargs = {"messages": messages, "user_id": user_id, **options}
-    if check_cache:
-        hit = lookup(kwargs, replay=replay)
+    try:
+        job: CompletionJob | None = CompletionJob.model_validate(kwargs)
+    except ValidationError:
+        job = None  # the worker rejects it with a message saying what to fix
+    # Never the request_id itself: users pick those, and a task id names a result.
+    task_id = task_id_for(job) if job is not None else str(uuid.uuid4())
+    if check_cache and job is not None:
+        hit = lookup(job, task_id=task_id, replay=replay)
         if hit is not None:
             # Also in the result backend, so AsyncResult(job.id) elsewhere finds it.
             app.backend.store_result(hit.id, hit.result, "SUCCESS")
             return hit
     return app.send_task(
-        "llm.complete",
-        kwargs=kwargs,
-        queue=queue,
-        countdown=countdown,
-        task_id=str(options["request_id"]),
+        COMPLETE_TASK, kwargs=kwargs, queue=queue, countdown=countdown, task_id=task_id
     )

@@ -132,14 +132,22 @@ def _jsonl(name: str, text: str) -> Iterator[Document]:
         yield Document(id=doc_id, source=source, text=body)
 
 
-def content_hash(text: str, *, model: str | None, words: int) -> str:
-    """sha256 of what decides a summary: the text, the model asked for and the length."""
+def content_hash(text: str, *, model: str | None, words: int, provider: str = "") -> str:
+    """sha256 of what decides a summary: the text, the provider and model, the length."""
     canonical = json.dumps(
-        {"text": text, "model": model or "", "words": words},
+        {"text": text, "model": model or "", "words": words, "provider": provider},
         sort_keys=True,
-        ensure_ascii=False,
+        ensure_ascii=True,
     )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def resolved_model(model: str | None) -> tuple[str, str]:
+    """The (provider, model) this configuration sends a batch's calls to."""
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    return settings.provider, model or settings.model_for(settings.provider)
 
 
 class ResultsFile:
@@ -336,8 +344,12 @@ class BatchRun:
         done_before = results.summarized() if results else {}
         skipped: list[Record] = []
         todo: deque[tuple[Document, str]] = deque()
+        # A different provider or model means different summaries, not the old ones again.
+        provider, model = resolved_model(self.options.model)
         for document in self.documents:
-            digest = content_hash(document.text, model=self.options.model, words=self.options.words)
+            digest = content_hash(
+                document.text, model=model, words=self.options.words, provider=provider
+            )
             if document.error is None and digest in done_before:
                 skipped.append(done_before[digest])
             else:
@@ -437,6 +449,7 @@ def _record_of(document: Document, digest: str, result: Record, latency_ms: floa
         "provider": result.get("provider"),
         "model": result.get("model"),
         "chunks": int(result.get("chunks") or (0 if document.error else 1)),
+        "chunk_sizes": [int(n) for n in result.get("chunk_sizes") or []],
         "levels": int(result.get("levels") or 0),
         "calls": int(result.get("calls") or 0),
         "input_tokens": int(result.get("input_tokens") or 0),

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 
 from worker.cache import ResponseCache, cache_request, served_from_cache
 from worker.connections import redis_client
@@ -53,22 +52,25 @@ class CachedResult:
 
 
 def lookup(
-    kwargs: dict[str, Any], *, replay: bool = False, settings: Settings | None = None
+    job: CompletionJob,
+    *,
+    task_id: str,
+    replay: bool = False,
+    settings: Settings | None = None,
 ) -> CachedResult | None:
-    """The stored result of this request_id (when `replay`), or the cached answer to the
-    job `kwargs` describe; None means: enqueue it.
+    """The stored result of this very request (when `replay`), or the cached answer to
+    `job`; None means: enqueue it.
     """
     started = time.perf_counter()
     settings = settings or get_settings()
     try:
-        job = CompletionJob.model_validate(kwargs)
         request = cache_request(job, settings=settings, prices=load_prices(settings.prices_file))
-    except (ValidationError, LLMQError):
+    except LLMQError:
         return None  # the worker rejects it with a message saying what to fix
     client = redis_client(settings)
     try:
         if replay and (stored := IdempotencyStore(client, ttl=0).get(job)) is not None:
-            return CachedResult(job.request_id, stored.model_dump())
+            return CachedResult(task_id, stored.model_dump())
         if request is None:
             return None
         cache = ResponseCache.from_settings(settings)
@@ -81,4 +83,4 @@ def lookup(
     result = served_from_cache(
         stored, request_id=job.request_id, latency_ms=(time.perf_counter() - started) * 1000
     )
-    return CachedResult(job.request_id, result.model_dump())
+    return CachedResult(task_id, result.model_dump())

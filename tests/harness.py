@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -125,7 +126,7 @@ class Worker:
         log_dir: Path,
         *,
         concurrency: int = 8,
-        queues: str = "llm,batch",
+        queues: str | None = "llm,batch",
         name: str | None = None,
         extra: list[str] | None = None,
     ) -> None:
@@ -143,8 +144,8 @@ class Worker:
                 "threads",
                 "-c",
                 str(concurrency),
-                "-Q",
-                queues,
+                # None: as `celery -A worker worker` starts, consuming the default queues.
+                *(["-Q", queues] if queues is not None else []),
                 "-n",
                 self.name,
                 "--without-mingle",
@@ -205,4 +206,49 @@ class Worker:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._log.close()
+
+
+class Flower:
+    """`celery -A worker flower` as the README starts it (flowerconfig.py read from ROOT)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"flower-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "worker",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={self.port}",
+                *extra,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._up, timeout=30, what="flower")
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"flower exited:\n{self.log_path.read_text(errors='replace')}")
+        try:
+            return requests.get(f"{self.url}/healthcheck", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def tasks(self) -> dict[str, Any]:
+        """Flower's /api/tasks: every task it has seen, by id."""
+        found: dict[str, Any] = requests.get(f"{self.url}/api/tasks", timeout=5).json()
+        return found
+
+    def stop(self) -> None:
+        """Stop Flower."""
+        self.process.terminate()
+        self.process.wait(timeout=10)
         self._log.close()

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from tests.harness import CELERY, ROOT
-from worker.app import configure, transport_options
+from worker.app import configure, create_app, transport_options
 from worker.settings import load_settings
 
 
@@ -105,13 +105,16 @@ def test_env_file_is_read(tmp_path: Any, worker_env: dict[str, str]) -> None:
     assert os.environ["LLMQ_ENV_FILE"] == os.devnull
 
 
-def test_both_queues_are_declared_each_with_its_own_route(app: Any) -> None:
-    # A worker started without -Q consumes every declared queue (./run demo relies on it);
-    # each queue has its own exchange and routing key, so no message lands in both.
+def test_queues_are_declared_each_with_its_own_route() -> None:
+    # A worker started without -Q consumes every declared queue (./run demo relies on it),
+    # Celery's default queue included; each queue has its own exchange and routing key,
+    # so no message lands in two.
+    app = create_app()
     queues = app.amqp.queues
     assert {name: (q.exchange.name, q.routing_key) for name, q in queues.items()} == {
         "llm": ("llm", "llm"),
         "batch": ("batch", "batch"),
+        "celery": ("celery", "celery"),
     }
     router = app.amqp.router
     assert router.route({}, "llm.complete")["queue"].name == "llm"

@@ -28,6 +28,7 @@ from producer.batch import (
     content_hash,
     find_documents,
     percentile,
+    resolved_model,
 )
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider
@@ -244,8 +245,9 @@ def test_703_peps_interrupted_then_resumed(
         assert record["calls"] == calls_for(chunks), doc_id
         assert record["levels"] == (1 if doc_id in chunked else 0), doc_id
         assert record["input_tokens"] == 11 * record["calls"]  # the fake's usage per call
+        provider, model = resolved_model(None)
         assert record["hash"] == content_hash(
-            (PEPS / Path(doc_id).name).read_text(), model=None, words=60
+            (PEPS / Path(doc_id).name).read_text(), model=model, words=60, provider=provider
         )
     reduces = Counter(
         s.body["messages"][-1]["content"].count(fake.text)

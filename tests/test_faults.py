@@ -28,7 +28,7 @@ RESTORE_INTERVAL = 5  # kombu's sweep for abandoned messages (worker/app.py)
 # Short-lived workers: the deadline must stay below the visibility timeout.
 FAST_REDELIVERY = {
     "LLM_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
-    "LLM_JOB_DEADLINE_SECONDS": "8",
+    "LLM_JOB_DEADLINE_SECONDS": "4",
 }
 
 
@@ -58,7 +58,7 @@ def test_sigkilled_worker_loses_no_job(
     bound = VISIBILITY_TIMEOUT + RESTORE_INTERVAL + 20
     results = [job.get(timeout=max(0.1, killed_at + bound - time.monotonic())) for job in jobs]
 
-    assert [r["request_id"] for r in results] == [job.id for job in jobs]
+    assert len({r["request_id"] for r in results}) == len(jobs)
     assert {r["provider"] for r in results} == {"openai"}
     # Celery logs success just after storing the result.
     wait_for(
@@ -80,7 +80,7 @@ def test_sigkilled_worker_loses_no_job(
     # killed attempts' reservations, which stay at their worst case until the window
     # slides past them (worker/limits.py): the provider did receive those requests.
     records = llm_jobs(rescuer, user_id)
-    assert sorted(r["request_id"] for r in records) == sorted(job.id for job in jobs)
+    assert sorted(r["task_id"] for r in records) == sorted(job.id for job in jobs)
     (requested,) = {r["rate_limit"]["limits"]["user_tokens"]["requested"] for r in records}
     assert charged.limit_tokens == billed.limit_tokens + 20 * requested
 
@@ -138,6 +138,5 @@ def test_redis_restart_loses_no_job(
     finally:
         worker.stop()
 
-    assert len({r["request_id"] for r in results}) == 100
-    assert [r["request_id"] for r in results] == [job.id for job in jobs]
+    assert len({r["request_id"] for r in results}) == 100 == len(jobs)
     assert {r["provider"] for r in results} == {"openai"}

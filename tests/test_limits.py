@@ -21,15 +21,10 @@ from producer.cli import main as llmq
 from tests.fakes import FakeProvider
 from tests.harness import RedisServer, Worker, wait_for
 from worker.errors import RateLimitedError
-from worker.limits import (
-    LimitDecision,
-    RateLimiter,
-    defer_countdown,
-    on_limit_policy,
-    user_usage,
-)
-from worker.models import CompletionResult, Message
+from worker.limits import LimitDecision, LimitReservation, RateLimiter, user_usage
+from worker.models import Message
 from worker.settings import load_settings
+from worker.tasks import defer_countdown, on_limit_policy
 from worker.tokens import count_messages
 
 PROMPT = "Name three prime numbers."
@@ -51,6 +46,16 @@ def reserve(limiter: RateLimiter, user: str, tokens: int, **where: str) -> Limit
     return limiter.check(limits, tokens=tokens, reservation_id=uuid.uuid4().hex)
 
 
+def hold(limiter: RateLimiter, user: str, tokens: int) -> LimitReservation:
+    """Reserve one attempt of `user` on openai/gpt-4o-mini, as the meter does."""
+    limits = limiter.attempt_limits(
+        user_id=user, provider="openai", model="gpt-4o-mini", first=True
+    )
+    held = limiter.reserve(limits, tokens=tokens, reservation_id=uuid.uuid4().hex, user_id=user)
+    assert held is not None
+    return held
+
+
 def replay(decisions: list[tuple[int, int, int, bool]], limit: int) -> int:
     """Prove a set of (seq, usage, requested, admitted) decisions was serial and exact.
 
@@ -69,21 +74,6 @@ def replay(decisions: list[tuple[int, int, int, bool]], limit: int) -> int:
             assert usage + requested > limit, f"decision {seq} rejected with room left"
     assert admitted_total <= limit
     return admitted_total
-
-
-def result_of(tokens: int, *, provider: str = "openai") -> CompletionResult:
-    """A finished job that used `tokens` tokens."""
-    return CompletionResult(
-        request_id="r",
-        text="",
-        provider=provider,
-        model="gpt-4o-mini",
-        finish_reason="stop",
-        input_tokens=tokens,
-        output_tokens=0,
-        cost_usd=0.0,
-        latency_ms=1.0,
-    )
 
 
 def redis_now(redis_server: RedisServer) -> float:
@@ -170,25 +160,19 @@ def test_window_slides_on_redis_time(redis_server: RedisServer) -> None:
 
 def test_settle_release_and_expired_entries(redis_server: RedisServer) -> None:
     limiter = limiter_for(redis_server, user_tokens_per_hour=1000, user_token_window_seconds=1)
-    held = limiter.reserve(
-        user_id="u", provider="openai", model="gpt-4o-mini", tokens=700, request_id="a"
-    )
-    other = limiter.reserve(
-        user_id="u", provider="openai", model="gpt-4o-mini", tokens=200, request_id="b"
-    )
+    held = hold(limiter, "u", 700)
+    other = hold(limiter, "u", 200)
     assert limiter.usage(held.limits)[0].usage == 900
-    held.settle(result_of(120))
+    held.settle(tokens=120)
     assert limiter.usage(held.limits)[0].usage == 320
     other.release()
     assert limiter.usage(held.limits)[0].usage == 120
     # A worker that died never settles: its entry ages out; settling later is a no-op.
-    orphan = limiter.reserve(
-        user_id="u", provider="openai", model="gpt-4o-mini", tokens=800, request_id="c"
-    )
+    orphan = hold(limiter, "u", 800)
     wait_for(
         lambda: limiter.usage(orphan.limits)[0].usage == 0, timeout=10, what="entries to age out"
     )
-    orphan.settle(result_of(5))
+    orphan.settle(tokens=5)
     orphan.release()
     held.release()
     assert limiter.usage(orphan.limits)[0].usage == 0
@@ -249,12 +233,13 @@ def test_error_rebuilds_from_its_message_alone(redis_server: RedisServer) -> Non
 
 def test_defer_countdown_stays_within_bounds() -> None:
     settings = load_settings(
-        visibility_timeout=30, job_deadline_seconds=20, defer_max_wait_seconds=100
+        visibility_timeout=40, job_deadline_seconds=20, defer_max_wait_seconds=100
     )
     error = RateLimitedError(
         "x [limit=user_tokens usage=1 requested=1 limit_value=1 retry_after=500.000s]"
     )
-    assert defer_countdown(error, waited=0, settings=settings) == 15  # half the visibility
+    # Waiting plus running stays within the visibility timeout: 40 - 20 - 5 s of margin.
+    assert defer_countdown(error, waited=0, settings=settings) == 15
     assert defer_countdown(error, waited=95, settings=settings) == pytest.approx(5)
     assert defer_countdown(error, waited=100, settings=settings) is None
     never = RateLimitedError(
@@ -296,9 +281,7 @@ def test_llmq_limits_prints_usage(
 ) -> None:
     settings = load_settings()  # the CLI's own settings: default prefix and limits
     limiter = RateLimiter(settings, client=redis_server.client())
-    limiter.reserve(
-        user_id=user_id, provider="openai", model="gpt-4o-mini", tokens=1234, request_id="r"
-    )
+    hold(limiter, user_id, 1234)
     assert llmq(["limits", user_id, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (tokens,) = report["limits"]
@@ -429,6 +412,9 @@ def test_users_and_provider_rpm_through_a_worker(
         **private_env(
             LLM_PROVIDER_LIMITS='{"openai": {"rpm": 4}}',
             LLM_USER_LIMITS=json.dumps({users[0]: {"tokens_per_hour": 10}}),
+            # No fallback: the provider limit alone decides (tests/test_metering.py has
+            # the fallback taking over).
+            LLM_FALLBACKS="",
         ),
     )
 
@@ -469,6 +455,7 @@ def test_deferred_jobs_all_complete_within_max_wait(
             LLM_DEFER_MAX_WAIT_SECONDS=str(max_wait),
             LLM_PROVIDER_LIMITS='{"gpt-4o": {"rpm": 1}}',
             LLM_PROVIDER_WINDOW_SECONDS="60",
+            LLM_FALLBACKS="",  # the model limit alone decides; no other provider takes over
         ),
     )
     messages = [{"role": "user", "content": PROMPT}]
@@ -489,7 +476,7 @@ def test_deferred_jobs_all_complete_within_max_wait(
     results = [outcome(job, timeout=60) for job in jobs]
     assert all(isinstance(r, dict) for r in results), results
     assert [r["request_id"] for r in results if isinstance(r, dict)] == ids  # none lost
-    assert [job.id for job in jobs] == ids
+    assert len({job.id for job in jobs}) == len(ids)  # task ids are llmq's, not request ids
     never = outcome(too_big)
     assert isinstance(never, RateLimitedError) and never.retry_after == math.inf
     first, second = (outcome(job, timeout=60) for job in gpt4o)

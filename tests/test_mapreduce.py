@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from producer.batch import BatchOptions, BatchRun, Document, Record, Totals
 from tests.fakes import FakeProvider, Fault
-from tests.harness import Worker
+from tests.harness import Isolated, Worker
+from worker import tokens
 from worker.chunking import Chunker
 from worker.mapreduce import (
     SEPARATOR,
@@ -14,6 +16,7 @@ from worker.mapreduce import (
     summarize_instruction,
     summary_max_tokens,
 )
+from worker.settings import DEFAULT_CHUNK_TOKENS
 
 MARKER = "ZEBRA-QUOKKA-991"
 
@@ -31,11 +34,11 @@ class Collect:
         self.records.append(record)
 
 
-def summarize(documents: list[Document], **options: Any) -> list[Record]:
+def summarize(documents: list[Document], *, app: Any = None, **options: Any) -> list[Record]:
     # Calls are counted at the fake: identical reduce inputs must not be served by the cache.
     options.setdefault("cache", False)
     collect = Collect()
-    BatchRun(documents=documents, options=BatchOptions(**options), listener=collect).run()
+    BatchRun(documents=documents, options=BatchOptions(**options), listener=collect, app=app).run()
     return collect.records
 
 
@@ -171,3 +174,67 @@ def test_bad_batch_job_is_an_error_value_not_a_crash(
     assert "Unknown model 'gpt-17-ultra'" in unknown["error"]
     assert fake.requests() == 0
     assert worker.process.poll() is None
+
+
+def large_document(size: int = 900_000) -> str:
+    """About `size` characters of varied English-like prose (~200k tokens for 900 KB)."""
+    rng = random.Random(900)
+    words = [
+        "otter",
+        "river",
+        "stone",
+        "current",
+        "shell",
+        "kelp",
+        "tide",
+        "harbour",
+        "fisher",
+        "morning",
+        "quiet",
+        "swift",
+        "silver",
+        "north",
+        "under",
+        "across",
+    ]
+    paragraphs, total = [], 0
+    while total < size:
+        sentences = [
+            " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(12)).capitalize()
+            + "."
+            for _ in range(6)
+        ]
+        paragraph = " ".join(sentences)
+        paragraphs.append(paragraph)
+        total += len(paragraph) + 2
+    return "\n\n".join(paragraphs)
+
+
+def test_a_document_over_the_token_allowance_is_refused_before_any_call(
+    worker: Worker, fake: FakeProvider, user_id: str
+) -> None:
+    text = large_document()
+    [record] = summarize([Document(id="big", source="big.txt", text=text)], user_id=user_id)
+    assert fake.requests() == 0
+    error = record["error"]
+    assert error.startswith("DocumentTooLargeError")
+    assert "LLM_USER_TOKENS_PER_HOUR" in error and "100000" in error
+    needed = int(error.split("needs up to ")[1].split(" tokens")[0])
+    assert needed > tokens.count_text(text)  # every chunk's prompt and output on top
+
+
+def test_a_large_document_summarizes_in_default_sized_chunks(
+    isolated: Isolated, start_worker: Any, fake: FakeProvider, user_id: str
+) -> None:
+    start_worker(isolated=isolated, LLM_USER_TOKENS_PER_HOUR="2000000")
+    text = large_document()
+    [record] = summarize(
+        [Document(id="big", source="big.txt", text=text)], user_id=user_id, app=isolated.app
+    )
+    assert record["error"] is None and record["summary"] == fake.text
+    sizes = record["chunk_sizes"]
+    assert record["chunks"] == len(sizes) > 50
+    # The documented default chunk size, and every chunk of the text accounted for.
+    assert max(sizes) <= DEFAULT_CHUNK_TOKENS and min(sizes) > 0
+    assert sum(sizes) >= tokens.count_text(text) * 0.99
+    assert record["calls"] == fake.requests() > len(sizes)

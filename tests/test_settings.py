@@ -106,10 +106,16 @@ def test_job_deadline_must_stay_below_visibility_timeout(monkeypatch: pytest.Mon
     with pytest.raises(ConfigurationError) as raised:
         load_settings()
     message = str(raised.value)
-    assert "LLM_JOB_DEADLINE_SECONDS=30 must be below LLM_VISIBILITY_TIMEOUT=30" in message
+    assert "LLM_JOB_DEADLINE_SECONDS=30 must be at least 6s below LLM_VISIBILITY_TIMEOUT=30" in (
+        message
+    )
     assert "Fix:" in message
+    # Waiting out a deferral plus running must fit: 5 s of margin is left for the sweep.
     monkeypatch.setenv("LLM_JOB_DEADLINE_SECONDS", "25")
-    assert load_settings().job_deadline_seconds == 25
+    with pytest.raises(ConfigurationError):
+        load_settings()
+    monkeypatch.setenv("LLM_JOB_DEADLINE_SECONDS", "24")
+    assert load_settings().job_deadline_seconds == 24
 
 
 @pytest.mark.parametrize(

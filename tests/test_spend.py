@@ -21,7 +21,8 @@ from tests.fakes import FakeProvider
 from tests.harness import RedisServer, Worker
 from worker import tokens
 from worker.errors import BudgetExceededError, DailyBudgetExceededError
-from worker.models import CompletionResult
+from worker.metering import Charge
+from worker.models import Usage
 from worker.spend import RETENTION_SECONDS, SpendTracker, to_units, to_usd, utc_day
 
 LLMQ = str(Path(sys.executable).with_name("llmq"))
@@ -32,18 +33,13 @@ def _tracker(redis_server: RedisServer, **options: Any) -> SpendTracker:
     return SpendTracker(redis_server.client(), namespace=f"test-{uuid.uuid4().hex[:10]}", **options)
 
 
-def _result(cost: str, *, model: str = "gpt-4o-mini", provider: str = "openai") -> CompletionResult:
-    return CompletionResult(
-        request_id=uuid.uuid4().hex,
-        text="x",
+def _result(cost: str, *, model: str = "gpt-4o-mini", provider: str = "openai") -> Charge:
+    return Charge(
         provider=provider,
         model=model,
-        finish_reason="stop",
-        input_tokens=100,
-        output_tokens=10,
-        cached_input_tokens=40,
-        cost_usd=float(cost),
-        latency_ms=1.0,
+        usage=Usage(input_tokens=100, output_tokens=10, cached_input_tokens=40),
+        cost_usd=Decimal(cost),
+        charged_as="usage",
     )
 
 
@@ -179,16 +175,6 @@ def test_daily_alert_is_logged_once(
     assert fields["alert"] == "DAILY_SPEND_THRESHOLD" and fields["threshold_usd"] == 0.00005
     assert 0.00005 <= fields["spent_usd"] < 0.00006  # logged by the settle that crossed it
     assert first.totals()["total"]["cost_units"] == 20 * 100_000
-
-
-def test_response_cache_savings_are_counted(redis_server: RedisServer, user_id: str) -> None:
-    class CachedResult(CompletionResult):
-        cost_saved_usd: float = 0.0
-
-    tracker = _tracker(redis_server)
-    result = CachedResult(**_result("0").model_dump(), cost_saved_usd=0.0002)
-    tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.001")).settle(result)
-    assert tracker.totals()["user"][user_id]["saved_units"] == 2_000_000
 
 
 # --- End to end, through real workers -------------------------------------------------
@@ -327,7 +313,7 @@ def test_concurrent_jobs_never_overrun_the_daily_budget(
     records = _job_records(*workers)
     alerts = [r for r in records if r.get("event") == "llm_spend_alert"]
     assert len(alerts) == 1 and alerts[0]["alert"] == "DAILY_SPEND_THRESHOLD"
-    assert {r["request_id"] for r in records if r.get("event") == "llm_job"} == {
+    assert {r["task_id"] for r in records if r.get("event") == "llm_job"} == {
         job.id for job in pending
     }
 

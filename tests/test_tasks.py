@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from producer import submit
-from tests.fakes import FakeProvider
-from tests.harness import TEST_KEYS, Worker
+from tests.fakes import FakeProvider, Fault
+from tests.harness import TEST_KEYS, Worker, wait_for
 from worker.errors import InvalidJobError, UnknownModelError
 
 PROMPT = "Summarize the plot of the secret novel ZEPHYR-QUILL-77 in two lines."
@@ -124,8 +125,73 @@ def test_prompt_never_in_worker_log_or_task_repr(
     log = worker.output()
     assert f"{good.id}] received" in log and f"{via_delay.id}] received" in log
     assert "ZEPHYR" not in log
-    assert "<1 messages sha256:" in log
+    assert "messages=<1 messages>" in log
     for key in TEST_KEYS:
         assert key not in log
     # The result backend keeps the result only, not the job's arguments.
     assert "ZEPHYR" not in str(app.backend.get_task_meta(good.id))
+
+
+HOSTILE = [
+    {"messages": [{"role": "user", "content": "HOSTILE-1 hi \ud800"}]},
+    {"messages": [{"role": "user", "content": "HOSTILE-2"}], "temperature": float("inf")},
+    {"messages": [{"role": "user", "content": "HOSTILE-3"}], "temperature": float("nan")},
+    {"messages": [{"role": "user", "content": "HOSTILE-4"}], "max_tokens": True},
+    {"messages": [{"role": "user", "content": "HOSTILE-5"}], "temperature": "0.5"},
+    {"messages": [{"role": "user", "content": "HOSTILE-6"}], "cache": "no"},
+    {"messages": [{"role": "user", "content": "\x00\x00\x01"}]},
+]
+
+
+@pytest.mark.parametrize("fields", HOSTILE, ids=lambda f: repr(sorted(f))[:40])
+def test_hostile_input_is_a_typed_error_that_quotes_nothing(
+    worker: Worker, fake: FakeProvider, app: Any, user_id: str, fields: dict[str, Any]
+) -> None:
+    # Sent as any Celery producer would: no validation on the way in.
+    sent = app.send_task("llm.complete", kwargs={"user_id": user_id, **fields})
+    with pytest.raises(InvalidJobError) as raised:
+        sent.get(timeout=30)
+    message = str(raised.value)
+    assert "HOSTILE" not in message and "\ud800" not in message
+    assert fake.requests() == 0
+    record = wait_for(
+        lambda: next((r for r in worker.records("llm_job") if r.get("task_id") == sent.id), None),
+        timeout=10,
+        what="the job's record",
+    )
+    assert record["error_kind"] == "InvalidJobError"
+    assert "HOSTILE" not in worker.output()
+    assert worker.process.poll() is None
+
+
+def test_a_deferred_slow_job_is_delivered_and_run_once(
+    isolated: Any, start_worker: Any, fake: FakeProvider, user_id: str
+) -> None:
+    # Visibility 30 s, deadline 20 s: a deferral may wait at most 30 - 20 - 5 = 5 s, so
+    # waiting out a 15 s limit and then an 18 s call never outlast the visibility timeout.
+    worker = start_worker(
+        isolated=isolated,
+        LLM_TIMEOUT_SECONDS="19",
+        LLM_USER_REQUESTS_PER_MINUTE="1",
+        LLM_USER_REQUEST_WINDOW_SECONDS="15",
+        LLM_FALLBACKS="",
+    )
+    fake.script("openai", Fault(), Fault(delay=18))
+    kwargs = {"messages": [{"role": "user", "content": "Hi"}], "user_id": user_id, "cache": False}
+    first = isolated.app.send_task("llm.complete", kwargs=kwargs, queue="llm")
+    assert first.get(timeout=30)["text"] == fake.text
+    slow = isolated.app.send_task(
+        "llm.complete", kwargs={**kwargs, "on_limit": "defer"}, queue="llm"
+    )
+    assert slow.get(timeout=90)["text"] == fake.text
+    finished = time.monotonic()
+    deferrals = [r for r in worker.records("llm_deferred") if r["task_id"] == slow.id]
+    assert deferrals and max(r["countdown"] for r in deferrals) <= 5.0
+    # A redelivery would come once the last delivery is 30 s old, plus kombu's 5 s sweep:
+    # nothing can signal that it did not happen, so wait that long.
+    time.sleep(max(0.0, finished + 20 - time.monotonic()))
+    runs = [r for r in worker.records("llm_job") if r["task_id"] == slow.id]
+    assert [r["error"] is None for r in runs] == [False] * len(deferrals) + [True]
+    assert fake.requests("openai") == 2
+    received = worker.output().count(f"[{slow.id}] received")
+    assert received == len(deferrals) + 1

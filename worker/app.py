@@ -1,26 +1,41 @@
-"""The Celery application: JSON only, late acks, short visibility timeout, events on."""
+"""The Celery application: JSON only, late acks, short visibility timeout, events on.
+
+Importing this module configures nothing: `app` is a proxy that builds the Celery app on
+first use (reading the settings, adjusting kombu, connecting signals), so importing
+`worker.errors` or `worker.models` from a web app never touches the environment or Redis.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, signals
+from celery.local import Proxy
 
-from worker import redis_transport
-from worker.connections import pool_size
+from worker.constants import (
+    BATCH_QUEUE,
+    CELERY_DEFAULT_QUEUE,
+    COMPLETE_TASK,
+    QUEUE,
+    SENT_AT_HEADER,
+    TASK_PREFIX,
+)
 from worker.settings import Settings, get_settings
 
-QUEUE = "llm"
-BATCH_QUEUE = "batch"
-SENT_AT_HEADER = "llmq_sent_at"
+__all__ = ["BATCH_QUEUE", "QUEUE", "SENT_AT_HEADER", "app", "configure", "create_app"]
+
 PUBLISH_RETRY_POLICY = {
     "max_retries": 10,
     "interval_start": 0,
     "interval_step": 0.5,
     "interval_max": 2,
 }
+# Queues a worker consumes when started without -Q. Celery's default queue is among them:
+# a producer with its own Celery app that sends `llm.complete` without routing lands there.
+CONSUMED_BY_DEFAULT = (QUEUE, BATCH_QUEUE, CELERY_DEFAULT_QUEUE)
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -53,6 +68,8 @@ def ssl_options(url: str) -> dict[str, Any] | None:
 
 def configure(app: Celery, settings: Settings) -> None:
     """Apply llmq's Celery configuration from `settings`."""
+    from worker.connections import pool_size
+
     options = transport_options(settings)
     app.conf.update(
         broker_url=settings.broker,
@@ -91,37 +108,63 @@ def configure(app: Celery, settings: Settings) -> None:
         # redis-py 8 caps a pool at 100 connections; every worker thread may need one.
         redis_max_connections=pool_size(settings),
         task_default_queue=QUEUE,
-        # Declared so a worker started without -Q consumes both; each queue has its own
-        # exchange and routing key, as Celery would create them, so no job is delivered twice.
-        task_queues={
-            name: {"exchange": name, "routing_key": name} for name in (QUEUE, BATCH_QUEUE)
-        },
-        task_routes={"llm.complete": {"queue": QUEUE}, "llm.batch.*": {"queue": BATCH_QUEUE}},
+        # Declared so a worker started without -Q consumes all three; each queue has its
+        # own exchange and routing key, as Celery would create them, so no job is
+        # delivered twice.
+        task_queues={name: {"exchange": name, "routing_key": name} for name in CONSUMED_BY_DEFAULT},
+        task_routes={COMPLETE_TASK: {"queue": QUEUE}, "llm.batch.*": {"queue": BATCH_QUEUE}},
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
 
 
-redis_transport.install()
-app = Celery("llmq", include=["worker.tasks"])
-configure(app, get_settings())
+def create_app(settings: Settings | None = None) -> Celery:
+    """A new Celery app configured from `settings` (the environment by default)."""
+    from worker import redis_transport
+
+    redis_transport.install()
+    # PrivateAMQP: what llmq publishes never carries prompt text in its reprs or events.
+    celery_app = Celery(
+        "llmq",
+        include=["worker.tasks"],
+        set_as_current=False,
+        amqp="worker.privacy:PrivateAMQP",
+    )
+    configure(celery_app, settings or get_settings())
+    # Celery's signals are process-wide and connecting twice is a no-op.
+    _connect_signals()
+    return celery_app
 
 
-def _stamp_and_redact(body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Record when a job was sent, and keep its prompt out of worker logs and Flower.
+_default: Celery | None = None
+_default_lock = threading.RLock()
 
-    Every way of sending (send_task, delay, apply_async) passes through here, so
-    the repr Celery shows of a job is always the redacted one.
-    """
-    if headers is None:
-        return
-    headers.setdefault(SENT_AT_HEADER, time.time())
-    if str(headers.get("task", "")).startswith("llm."):
-        from worker.redact import job_repr
 
-        kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
-        headers["argsrepr"] = "()"
-        headers["kwargsrepr"] = job_repr(kwargs if isinstance(kwargs, dict) else {})
+def _default_app() -> Celery:
+    """llmq's app, built once per process with its tasks and signal handlers."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = create_app()
+            _default.set_current()
+            # `app.tasks` must hold llm.complete in a web app too, not only in a worker
+            # (which imports worker.tasks through `include`).
+            _default.on_after_finalize.connect(_register_tasks, weak=False)
+        return _default
+
+
+# Celery's own Proxy: `isinstance(app, Celery)` holds and every attribute is the app's.
+app = cast(Celery, Proxy(_default_app))
+
+
+def _register_tasks(**_: Any) -> None:
+    import worker.tasks  # noqa: F401  (decorating registers them on the app)
+
+
+def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Record when a job was sent, for its queue wait."""
+    if headers is not None and str(headers.get("task", "")).startswith(TASK_PREFIX):
+        headers.setdefault(SENT_AT_HEADER, time.time())
 
 
 def _json_logging(**_: Any) -> None:
@@ -129,12 +172,7 @@ def _json_logging(**_: Any) -> None:
     from worker import logs
 
     settings = get_settings()
-    secrets = [
-        key.get_secret_value()
-        for key in (settings.openai_api_key, settings.anthropic_api_key, settings.google_api_key)
-        if key is not None
-    ]
-    logs.configure(level=settings.log_level, secrets=secrets)
+    logs.configure(level=settings.log_level)
 
 
 def _consume_deferred(instance: Any = None, **_: Any) -> None:
@@ -157,12 +195,15 @@ def _check_settings(**_: Any) -> None:
         get_settings().check_worker_ready()
         pipeline().warm()
     except Exception as exc:
-        print(f"llmq worker cannot start: {exc}", file=sys.stderr, flush=True)
+        from worker.secrets import scrub
+
+        print(f"llmq worker cannot start: {scrub(str(exc))}", file=sys.stderr, flush=True)
         # Celery's signal dispatch logs and swallows exceptions; SystemExit gets through.
         raise SystemExit(78) from None
 
 
-signals.before_task_publish.connect(_stamp_and_redact)
-signals.setup_logging.connect(_json_logging)
-signals.worker_init.connect(_check_settings)
-signals.celeryd_after_setup.connect(_consume_deferred)
+def _connect_signals() -> None:
+    signals.before_task_publish.connect(_stamp, weak=False)
+    signals.setup_logging.connect(_json_logging, weak=False)
+    signals.worker_init.connect(_check_settings, weak=False)
+    signals.celeryd_after_setup.connect(_consume_deferred, weak=False)

@@ -189,7 +189,13 @@ class CircuitBreaker:
         state = self.state(provider)
         return state is not None and state["state"] == "open"
 
-    def record(self, provider: str, *, error: ProviderError | None, probe: bool) -> None:
+    def abandon_probe(self, provider: str) -> None:
+        """Free the half-open probe slot of a call that was never made (budget or limits)."""
+        self.record(provider, error=None, probe=True, neutral=True)
+
+    def record(
+        self, provider: str, *, error: ProviderError | None, probe: bool, neutral: bool = False
+    ) -> None:
         """Count one call's result; may open or close the circuit."""
         name = self.circuit(provider)
         now = self.clock()
@@ -205,13 +211,14 @@ class CircuitBreaker:
                 ],
                 args=[
                     now,
-                    counts_against(error),
+                    "neutral" if neutral else counts_against(error),
                     1 if probe else 0,
                     config.failures,
                     config.failure_rate,
                     config.min_calls,
                     config.window_seconds,
                     config.cooldown_seconds,
+                    # Already free of secrets: every llmq error's message is scrubbed.
                     str(error)[:300] if error else "",
                     name,
                     KEY_TTL_SECONDS,

@@ -26,6 +26,11 @@ MIN_BUDGET = 64
 Span = tuple[int, int]
 
 
+def input_margin(price: ModelPrice) -> Decimal:
+    """The cost guard's safety margin on tiktoken counts for this model's provider."""
+    return Decimal(1) if price.provider in ("openai", "extractive") else Decimal(NON_OPENAI_MARGIN)
+
+
 def chunk_budget(
     price: ModelPrice,
     *,
@@ -33,21 +38,25 @@ def chunk_budget(
     max_output_tokens: int,
     max_cost_usd: float,
     configured: int | None = None,
+    max_call_tokens: int | None = None,
+    call_limit_setting: str = "LLM_USER_TOKENS_PER_HOUR",
 ) -> int:
-    """Most tokens of text one call may carry: window, cost guard and setting, whichever is least.
+    """Most tokens of text one call may carry: whichever of its limits is least.
 
-    `prompt_tokens` is everything in the request but the text (instructions, chat framing).
-    For models not counted exactly by tiktoken the cost guard adds a safety margin to
-    the count; the budget divides by the same margin so a chunk never trips the guard.
+    The context window, the cost guard's per-request budget, the smallest token limit one
+    call must pass (`max_call_tokens`: the user's and the provider's token allowances)
+    and the configured chunk size. `prompt_tokens` is everything in the request but the
+    text (instructions, chat framing). For models not counted exactly by tiktoken the
+    cost guard adds a safety margin to the count; the budget divides by the same margin
+    so a chunk never trips the guard.
     """
-    margin = (
-        Decimal(1) if price.provider in ("openai", "extractive") else Decimal(NON_OPENAI_MARGIN)
-    )
-    by_window = Decimal(price.context_window - max_output_tokens) / margin
-    limits = [by_window]
+    margin = input_margin(price)
+    limits = [Decimal(price.context_window - max_output_tokens) / margin]
     if price.input > 0:
         spendable = Decimal(str(max_cost_usd)) * 1_000_000 - max_output_tokens * price.output
         limits.append(spendable / price.input / margin)
+    if max_call_tokens is not None:
+        limits.append(Decimal(max_call_tokens - max_output_tokens) / margin)
     budget = math.floor(min(limits)) - prompt_tokens
     if configured is not None:
         budget = min(budget, configured)
@@ -55,9 +64,10 @@ def chunk_budget(
         raise InvalidJobError(
             f"Only {budget} tokens of text fit one call (context window "
             f"{price.context_window}, output {max_output_tokens}, prompt {prompt_tokens} "
-            f"tokens, LLM_MAX_COST_PER_REQUEST={max_cost_usd}); at least {MIN_BUDGET} are "
-            "needed. Fix: ask for fewer words, use a model with a larger window, or raise "
-            "the per-request budget."
+            f"tokens, LLM_MAX_COST_PER_REQUEST={max_cost_usd}"
+            + (f", {call_limit_setting} allows {max_call_tokens}" if max_call_tokens else "")
+            + f"); at least {MIN_BUDGET} are needed. Fix: ask for fewer words, use a model "
+            "with a larger window, or raise the per-request budget or the token limit."
         )
     return budget
 

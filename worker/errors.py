@@ -2,16 +2,27 @@
 
 Every class takes a single message argument so Celery's JSON result backend can
 rebuild it on the producer side (it stores the class name, module and args).
+Messages never quote prompt text, and configured secrets are masked in every one
+(a provider may echo the API key in its error body).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.models import Usage
 
 
 class LLMQError(Exception):
     """Base class of every error llmq raises on purpose."""
+
+    def __init__(self, message: str = "", *args: Any) -> None:
+        from worker.secrets import scrub
+
+        super().__init__(scrub(str(message)), *args)
 
 
 class ConfigurationError(LLMQError):
@@ -68,6 +79,22 @@ class JobInProgressError(LLMQError):
     """Another delivery of the same request_id is still running; its result will follow."""
 
 
+class IdempotencyConflictError(InvalidJobError):
+    """The request_id was first used with a different request; it is never re-bound."""
+
+
+class TaskIdConflictError(InvalidJobError):
+    """The message's task id belongs to another user's job; running it would overwrite theirs."""
+
+
+class DocumentTooLargeError(InvalidJobError):
+    """A batch document needs more than the limits in force allow; nothing was called."""
+
+
+class UnexpectedError(LLMQError):
+    """llmq hit an error it does not expect; the message names its type, never its text."""
+
+
 class TruncatedResponseError(LLMQError):
     """The provider stopped at max_tokens and the job's policy is to fail."""
 
@@ -84,11 +111,19 @@ class ProviderError(LLMQError):
         provider: str = "",
         status: int | None = None,
         retry_after: float | None = None,
+        answered: bool = False,
+        usage: Usage | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.provider = provider
         self.status = status
         self.retry_after = retry_after
+        # The provider produced an answer (billed), with this usage if it could be read.
+        self.answered = answered or usage is not None
+        self.usage = usage
+        # False when the request never left (connection refused): nothing can be billed.
+        self.sent = sent
 
 
 class RateLimitedByProviderError(ProviderError):
@@ -110,7 +145,7 @@ class ProviderTimeoutError(ProviderError):
 
 
 class ProviderConnectionError(ProviderError):
-    """The provider could not be reached."""
+    """The provider could not be reached, or the connection broke before its answer."""
 
     transient = True
 

@@ -21,20 +21,15 @@ a reservation to the usage a job really had.
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import redis
 
 from worker.connections import redis_client
 from worker.errors import RateLimitedError
-from worker.models import CompletionResult
-from worker.settings import PROVIDERS, OnLimit, Settings
-
-if TYPE_CHECKING:
-    from worker.pipeline import Plan
+from worker.settings import PROVIDERS, Settings
 
 Unit = Literal["tokens", "requests"]
 
@@ -395,38 +390,42 @@ class RateLimiter:
             redis_time=now_us / _US,
         )
 
+    def attempt_limits(
+        self, *, user_id: str, provider: str, model: str, first: bool, metered: bool = True
+    ) -> list[Limit]:
+        """The limits one provider attempt must pass.
+
+        The provider's and model's limits count every attempt (a retry is a request);
+        the user's requests-per-minute counts jobs, so only their first attempt; the
+        user's token allowance guards spend, so only calls that cost money (`metered`).
+        """
+        found = []
+        for limit in self.user_limits(user_id):
+            if limit.unit == "requests" and not first:
+                continue
+            if limit.unit == "tokens" and not metered:
+                continue
+            found.append(limit)
+        return [*found, *self.shared_limits(provider=provider, model=model)]
+
     def reserve(
         self,
+        limits: Sequence[Limit],
         *,
-        user_id: str,
-        provider: str,
-        model: str,
         tokens: int,
-        request_id: str,
+        reservation_id: str,
+        user_id: str,
         record: dict[str, Any] | None = None,
-    ) -> LimitReservation:
-        """Reserve `tokens` and one request for a job, or raise RateLimitedError."""
-        limits = self.limits(user_id=user_id, provider=provider, model=model)
-        # A fresh id per attempt: a redelivered or deferred job never reuses a reservation.
-        reservation_id = f"{request_id}:{uuid.uuid4().hex[:12]}"
+    ) -> LimitReservation | None:
+        """Reserve `tokens` and one request in every limit, or raise RateLimitedError."""
+        if not limits:
+            return None
         decision = self.check(limits, tokens=tokens, reservation_id=reservation_id)
-        if record is not None and limits:
+        if record is not None:
             record["rate_limit"] = decision.log_fields()
         if not decision.admitted:
             raise decision.error(user_id=user_id)
-        return LimitReservation(self, limits, reservation_id=reservation_id, provider=provider)
-
-    def reserve_plan(self, plan: Plan, *, record: dict[str, Any] | None = None) -> LimitReservation:
-        """Reserve for a planned job: its primary candidate's worst case."""
-        estimate = plan.primary.estimate
-        return self.reserve(
-            user_id=plan.job.user_id,
-            provider=plan.primary.provider,
-            model=estimate.model,
-            tokens=estimate.input_tokens + estimate.max_output_tokens,
-            request_id=plan.job.request_id,
-            record=record,
-        )
+        return LimitReservation(self, limits, reservation_id=reservation_id)
 
     def adjust(self, limits: Sequence[Limit], reservation_id: str, amounts: list[str]) -> None:
         """Set (or with 'x' remove, with '' keep) a reservation's amount in each limit."""
@@ -449,37 +448,29 @@ class RateLimiter:
 
 
 class LimitReservation:
-    """A job's reservation in its limits: settled to actual tokens, or released."""
+    """One attempt's reservation in its limits: settled to what it used, or released."""
 
     def __init__(
-        self,
-        limiter: RateLimiter,
-        limits: Sequence[Limit],
-        *,
-        reservation_id: str,
-        provider: str,
+        self, limiter: RateLimiter, limits: Sequence[Limit], *, reservation_id: str
     ) -> None:
         self.limiter = limiter
         self.limits = list(limits)
         self.reservation_id = reservation_id
-        self.provider = provider
 
-    def settle(self, result: CompletionResult) -> None:
-        """Replace reserved tokens by what the job used; requests stay counted."""
-        used = 0 if result.cached else result.input_tokens + result.output_tokens
-        amounts = []
-        for limit in self.limits:
-            if limit.unit == "requests":
-                amounts.append("")
-            elif limit.name.startswith("user_") or result.provider == self.provider:
-                amounts.append(str(used))
-            else:
-                # A fallback served the job: the reserved provider spent no tokens on it.
-                amounts.append("0")
-        self.limiter.adjust(self.limits, self.reservation_id, amounts)
+    def settle(self, *, tokens: int) -> None:
+        """The attempt was answered: its tokens become what it used; requests stay counted."""
+        self.limiter.adjust(
+            self.limits,
+            self.reservation_id,
+            ["" if limit.unit == "requests" else str(tokens) for limit in self.limits],
+        )
+
+    def keep_requests_only(self) -> None:
+        """The provider saw the request but billed nothing: free the tokens, keep the request."""
+        self.settle(tokens=0)
 
     def release(self) -> None:
-        """The job failed: give back its tokens and its request slots."""
+        """The request never left: give back its tokens and its request slots."""
         self.limiter.adjust(self.limits, self.reservation_id, ["x"] * len(self.limits))
 
 
@@ -487,31 +478,3 @@ def user_usage(settings: Settings, user_id: str) -> list[LimitUsage]:
     """`llmq limits USER`: the user's limits and every shared limit, with current usage."""
     limiter = RateLimiter(settings)
     return limiter.usage([*limiter.user_limits(user_id), *limiter.shared_limits()])
-
-
-def on_limit_policy(
-    *, requested: OnLimit | None, deferred_before: bool, queue: str | None, settings: Settings
-) -> OnLimit:
-    """The job's own choice; else defer if it was already deferred; else the queue's default."""
-    if requested is not None:
-        return requested
-    if deferred_before:
-        return "defer"
-    from worker.app import BATCH_QUEUE
-
-    return settings.batch_on_limit if queue == BATCH_QUEUE else settings.on_limit
-
-
-def defer_countdown(error: RateLimitedError, *, waited: float, settings: Settings) -> float | None:
-    """Seconds to wait before trying again, or None when the job must fail now.
-
-    Never past LLM_DEFER_MAX_WAIT_SECONDS in total, and always well within the
-    visibility timeout: kombu's Redis transport redelivers an ETA message that a
-    worker holds unacknowledged for longer than that, which would run it twice.
-    """
-    retry_after = error.retry_after
-    remaining = settings.defer_max_wait_seconds - waited
-    if retry_after is None or math.isinf(retry_after) or remaining < 0.05:
-        return None
-    # A little past the moment capacity returns, so the window has surely slid.
-    return min(retry_after + 0.05, settings.visibility_timeout / 2, remaining)

@@ -31,38 +31,14 @@ class UTCJsonFormatter(JsonFormatter):
         super().add_fields(log_data, record, message_dict)
 
 
-class RedactSecrets(logging.Filter):
-    """Replaces any configured secret that reaches a record with `***`."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 6]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Scrub the message, its args and any formatted traceback."""
-        if not self.secrets:
-            return True
-        message = record.getMessage()
-        scrubbed = self._scrub(message)
-        if scrubbed != message:
-            record.msg, record.args = scrubbed, ()
-        if record.exc_info and record.exc_info[1] is not None:
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = self._scrub(text)
-            record.exc_info = None
-        return True
-
-    def _scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-def configure(*, level: str = "INFO", secrets: list[str] | None = None) -> None:
+def configure(*, level: str = "INFO") -> None:
     """Send every log record, Celery's included, to stderr as one JSON line."""
+    from worker.privacy import PrivacyFilter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(UTCJsonFormatter("%(message)s"))
-    handler.addFilter(RedactSecrets(secrets or []))
+    # On the handler, so no record of any logger reaches stderr unfiltered.
+    handler.addFilter(PrivacyFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

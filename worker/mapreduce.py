@@ -16,7 +16,12 @@ than none, and the next run of `llmq summarize` retries the document.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from celery import chord
@@ -25,10 +30,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from worker import logs
 from worker.app import app
-from worker.chunking import Chunker, chunk_budget
-from worker.errors import LLMQError, RateLimitedError
+from worker.chunking import Chunker, chunk_budget, input_margin
+from worker.errors import DocumentTooLargeError, LLMQError, RateLimitedError
 from worker.models import CompletionResult, Message
 from worker.pipeline import Pipeline
+from worker.prices import ModelPrice
 from worker.tokens import count_messages
 
 # Job options every batch call passes with its job: THE one place for them. A throttled
@@ -132,11 +138,11 @@ class PartSummary(BaseModel):
     """`llm.batch.part`'s result: a summary or an error, never an exception."""
 
     index: int
-    summary: str | None = None
     provider: str | None = None
     model: str | None = None
     totals: Totals = Field(default_factory=Totals)
     error: str | None = None
+    summary: str | None = None
 
 
 class ReduceState(SummaryJob):
@@ -144,6 +150,7 @@ class ReduceState(SummaryJob):
 
     level: int = Field(ge=0)
     chunks: int = Field(ge=1)
+    chunk_sizes: list[int] = Field(default_factory=list)
     totals: Totals = Field(default_factory=Totals)
 
 
@@ -151,29 +158,100 @@ class DocumentSummary(BaseModel):
     """A document's final result: its summary, or the error that prevented one."""
 
     document_id: str
-    summary: str | None = None
     provider: str | None = None
     model: str | None = None
     chunks: int = 1
+    # Tokens of text in each chunk, in order (one entry for a document that fits one call).
+    chunk_sizes: list[int] = Field(default_factory=list)
     levels: int = 0
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
     error: str | None = None
+    # Last: Celery's truncated repr of a result still shows every number before it.
+    summary: str | None = None
 
     @classmethod
     def failed(
-        cls, job: SummaryJob, error: str, *, totals: Totals, chunks: int = 1
+        cls,
+        job: SummaryJob,
+        error: str,
+        *,
+        totals: Totals,
+        chunks: int = 1,
+        chunk_sizes: list[int] | None = None,
     ) -> dict[str, Any]:
         """A failed document's result (as the dict a task returns)."""
         return cls(
-            document_id=job.document_id, error=error, chunks=chunks, **totals.model_dump()
+            document_id=job.document_id,
+            error=error,
+            chunks=chunks,
+            chunk_sizes=chunk_sizes or [],
+            **totals.model_dump(),
         ).model_dump()
 
 
 def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """An error as a document's result shows it: never quoting its input."""
+    if isinstance(exc, ValidationError):
+        # pydantic's own text quotes the input values, which may be document text.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors()
+        )
+        return f"InvalidJobError: {problems}"
+    if isinstance(exc, LLMQError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} (unexpected; see the worker log)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunEstimate:
+    """An upper bound of what summarizing one document can take, before any call."""
+
+    calls: int
+    tokens: int
+    cost_usd: Decimal
+
+
+def estimate_run(
+    chunk_tokens: list[int],
+    *,
+    prompt_tokens: int,
+    max_output_tokens: int,
+    budget: int,
+    price: ModelPrice,
+) -> RunEstimate:
+    """Every call of the map and reduce levels at its worst case (each summary at max length).
+
+    Level 0 summarizes each chunk; each level up combines the summaries, in groups of at
+    most `budget` tokens (greedy packing can take up to twice the minimum number of
+    groups, and never more groups than inputs), until one call takes them all.
+    """
+    margin = input_margin(price)
+    calls, tokens, cost = 0, 0, Decimal(0)
+
+    def add(text_tokens: int) -> None:
+        nonlocal calls, tokens, cost
+        sent = math.ceil((prompt_tokens + text_tokens) * margin)
+        calls += 1
+        tokens += sent + max_output_tokens
+        cost += (sent * price.input + max_output_tokens * price.output) / Decimal(1_000_000)
+
+    for size in chunk_tokens:
+        add(size)
+    items = len(chunk_tokens)
+    per_item = max_output_tokens + 2  # a summary and the blank line joining it to the next
+    while items > 1:
+        combined = items * per_item
+        if combined <= budget:
+            add(combined)
+            break
+        groups = min(items - 1, 2 * math.ceil(combined / budget))
+        for _ in range(groups):
+            add(min(budget, combined))
+        items = groups
+    return RunEstimate(calls=calls, tokens=tokens, cost_usd=cost)
 
 
 class Summarizer:
@@ -186,33 +264,117 @@ class Summarizer:
         self.complete = complete
         self.on_limited = on_limited
 
-    def chunker(self, job: SummaryJob) -> Chunker:
-        """The chunker sized for `job`'s model, words and chunk setting."""
+    def model(self, job: SummaryJob) -> str:
+        """The model the job's calls go to: its own, else the primary provider's."""
         settings = self.pipeline.settings
-        model = job.model or settings.model_for(settings.provider)
-        price = self.pipeline.prices.get(model)
-        max_output = min(summary_max_tokens(job.words), price.max_output_tokens)
-        # The longest instruction any call of this job can carry, counted with framing.
+        return job.model or settings.model_for(settings.provider)
+
+    def prompt_tokens(self, job: SummaryJob) -> int:
+        """The longest instruction any call of this job carries, counted with framing."""
         instructions = (
             summarize_instruction(job.words),
             part_instruction(job.words, 99_999, 99_999),
             combine_instruction(job.words),
         )
-        prompt = max(
+        return max(
             count_messages(
                 [Message(role="system", content=text), Message(role="user", content="")],
-                model=model,
+                model=self.model(job),
             )
             for text in instructions
         )
+
+    def max_output(self, job: SummaryJob) -> int:
+        """max_tokens of every call: the summary length, capped by the model."""
+        price = self.pipeline.prices.get(self.model(job))
+        return min(summary_max_tokens(job.words), price.max_output_tokens)
+
+    def token_limit(self, job: SummaryJob) -> tuple[int, str] | None:
+        """The smallest token allowance one call must fit, and the setting that sets it."""
+        model = self.model(job)
+        price = self.pipeline.prices.get(model)
+        limits = self.pipeline.limiter.attempt_limits(
+            user_id=job.user_id,
+            provider=price.provider,
+            model=model,
+            first=True,
+            metered=price.input > 0 or price.output > 0,
+        )
+        tokens = [(limit.limit, limit.setting) for limit in limits if limit.unit == "tokens"]
+        return min(tokens) if tokens else None
+
+    def chunker(self, job: SummaryJob) -> Chunker:
+        """The chunker sized for `job`'s model, words, chunk setting and per-call limits."""
+        settings = self.pipeline.settings
+        model = self.model(job)
+        limit = self.token_limit(job)
         budget = chunk_budget(
-            price,
-            prompt_tokens=prompt,
-            max_output_tokens=max_output,
+            self.pipeline.prices.get(model),
+            prompt_tokens=self.prompt_tokens(job),
+            max_output_tokens=self.max_output(job),
             max_cost_usd=settings.max_cost_per_request,
             configured=job.chunk_tokens or settings.batch_chunk_tokens,
+            max_call_tokens=limit[0] if limit else None,
+            call_limit_setting=limit[1] if limit else "",
         )
         return Chunker.for_model(model, budget=budget)
+
+    def check_run(self, job: SummaryJob, chunker: Chunker, sizes: list[int]) -> None:
+        """Refuse, before any call, a document whose whole run cannot fit the limits in force.
+
+        Its calls would be paid for one by one until the user's token allowance or daily
+        budget stopped them, leaving a document without a summary that still cost money.
+        """
+        settings = self.pipeline.settings
+        model = self.model(job)
+        price = self.pipeline.prices.get(model)
+        run = estimate_run(
+            sizes,
+            prompt_tokens=self.prompt_tokens(job),
+            max_output_tokens=self.max_output(job),
+            budget=chunker.budget,
+            price=price,
+        )
+        shape = (
+            f"{len(sizes)} chunk{'s' if len(sizes) != 1 else ''} of at most {chunker.budget} "
+            f"tokens and {run.calls - len(sizes)} combining call(s)"
+        )
+        users = [
+            limit
+            for limit in self.pipeline.limiter.user_limits(job.user_id)
+            if limit.unit == "tokens"
+        ]
+        if (price.input > 0 or price.output > 0) and users and run.tokens > users[0].limit:
+            limit = users[0]
+            raise DocumentTooLargeError(
+                f"Document {job.document_id!r} needs up to {run.tokens} tokens in {run.calls} "
+                f"calls ({shape}), more than user {job.user_id!r} may use in {limit.window:g}s: "
+                f"{limit.limit} ({limit.setting}). Nothing was called. Fix: raise "
+                f"{limit.setting} to at least {run.tokens}, or split the document."
+            )
+        budget = settings.user_daily_budget_usd
+        if budget is not None and run.cost_usd > Decimal(str(budget)):
+            raise DocumentTooLargeError(
+                f"Document {job.document_id!r} may cost up to ${run.cost_usd:.6f} in "
+                f"{run.calls} calls ({shape}), more than the daily budget of ${budget:g} "
+                "(LLM_USER_DAILY_BUDGET_USD). Nothing was called. Fix: raise "
+                "LLM_USER_DAILY_BUDGET_USD, ask for fewer words, or split the document."
+            )
+
+    def call_id(self, job: SummaryJob, suffix: str = "") -> str:
+        """A call's request_id: stable across runs, new when anything deciding it changes.
+
+        The configuration decides the answer too (which provider and model the worker
+        resolves to, the cache version, --no-cache): a run after a change of any of them
+        must get fresh summaries, not the stored answers of the old configuration.
+        """
+        settings = self.pipeline.settings
+        identity = json.dumps(
+            [settings.chain, self.model(job), settings.cache_version, job.cache],
+            separators=(",", ":"),
+        )
+        digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12]
+        return f"{job.request_id}-{digest}{suffix}"
 
     def call(
         self, job: SummaryJob, instruction: str, text: str, request_id: str
@@ -244,6 +406,7 @@ class Summarizer:
             request = DocumentRequest.model_validate(raw)
         except ValidationError as exc:
             return _invalid(raw, exc)
+        sizes: list[int] = []
         try:
             chunker = self.chunker(request)
             parts = chunker.split(request.text)
@@ -251,20 +414,30 @@ class Summarizer:
                 return DocumentSummary.failed(
                     request, "The document is empty; nothing to summarize.", totals=Totals()
                 )
+            sizes = [chunker.count(part) for part in parts]
+            self.check_run(request, chunker, sizes)
             if len(parts) == 1:
                 result = self.call(
-                    request, summarize_instruction(request.words), parts[0], request.request_id
+                    request,
+                    summarize_instruction(request.words),
+                    parts[0],
+                    self.call_id(request),
                 )
                 return DocumentSummary(
                     document_id=request.document_id,
                     summary=result.text,
                     provider=result.provider,
                     model=result.model,
+                    chunk_sizes=sizes,
                     **Totals.of(result).model_dump(),
                 ).model_dump()
         except LLMQError as exc:
-            return DocumentSummary.failed(request, _error(exc), totals=Totals())
-        state = ReduceState(**request.model_dump(exclude={"text"}), level=0, chunks=len(parts))
+            return DocumentSummary.failed(
+                request, _error(exc), totals=Totals(), chunks=len(sizes) or 1, chunk_sizes=sizes
+            )
+        state = ReduceState(
+            **request.model_dump(exclude={"text"}), level=0, chunks=len(parts), chunk_sizes=sizes
+        )
         return {"continue": launch(parts, state), "chunks": len(parts)}
 
     def part(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +454,7 @@ class Summarizer:
                 request,
                 instruction,
                 request.text,
-                f"{request.request_id}-L{request.level}-P{request.index}",
+                self.call_id(request, f"-L{request.level}-P{request.index}"),
             )
         except (LLMQError, ValidationError) as exc:
             return PartSummary(index=index, error=_error(exc)).model_dump()
@@ -319,6 +492,7 @@ class Summarizer:
                 f"(level {state.level}), so the document has no summary. First error: {first}",
                 totals=totals,
                 chunks=state.chunks,
+                chunk_sizes=state.chunk_sizes,
             )
         combined = SEPARATOR.join(p.summary or "" for p in parts)
         try:
@@ -333,6 +507,7 @@ class Summarizer:
                         "words or raise LLM_BATCH_CHUNK_TOKENS.",
                         totals=totals,
                         chunks=state.chunks,
+                        chunk_sizes=state.chunk_sizes,
                     )
                 up = state.model_copy(update={"level": state.level + 1, "totals": totals})
                 return {"continue": launch(groups, up), "chunks": state.chunks}
@@ -340,10 +515,16 @@ class Summarizer:
                 state,
                 combine_instruction(state.words),
                 combined,
-                f"{state.request_id}-R{state.level}",
+                self.call_id(state, f"-R{state.level}"),
             )
         except LLMQError as exc:
-            return DocumentSummary.failed(state, _error(exc), totals=totals, chunks=state.chunks)
+            return DocumentSummary.failed(
+                state,
+                _error(exc),
+                totals=totals,
+                chunks=state.chunks,
+                chunk_sizes=state.chunk_sizes,
+            )
         totals = totals.add(Totals.of(result))
         return DocumentSummary(
             document_id=state.document_id,
@@ -351,6 +532,7 @@ class Summarizer:
             provider=result.provider,
             model=result.model,
             chunks=state.chunks,
+            chunk_sizes=state.chunk_sizes,
             levels=state.level + 1,
             **totals.model_dump(),
         ).model_dump()
@@ -358,7 +540,7 @@ class Summarizer:
 
 def launch(parts: list[str], state: ReduceState) -> str:
     """Start the chord of `parts` with its reduce step; returns the reduce task's id."""
-    job = state.model_dump(exclude={"level", "chunks", "totals"})
+    job = state.model_dump(exclude={"level", "chunks", "chunk_sizes", "totals"})
     header = [
         app.signature(
             "llm.batch.part",

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import traceback
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import redis
@@ -15,14 +13,14 @@ from pydantic import ValidationError
 from worker import logs, tokens
 from worker.breaker import CircuitBreaker
 from worker.connections import redis_client
-from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError
+from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError, UnexpectedError
 from worker.guard import CostGuard, Estimate
 from worker.limits import RateLimiter
+from worker.metering import Meter
 from worker.metrics import LatencyRecorder
 from worker.models import CompletionJob, CompletionResult, Usage
-from worker.prices import ModelPrice, load_prices
+from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
-from worker.reservations import Reservations
 from worker.resilience import Attempt, Outcome, RetryPolicy, Target, call_chain
 from worker.reuse import ResultReuse, Reused
 from worker.settings import ProviderName, Settings, TruncationPolicy
@@ -119,30 +117,60 @@ class Pipeline:
         """Run one job through every step and return its result."""
         started = time.perf_counter()
         job = validate(raw, context=context)  # 1. validate
+        meter = self.meter(job, context)
         try:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
-            # 4. stored result of this request_id, or cache hit: no call, nothing reserved.
-            with self.reuse.flight(job, queue_wait_ms=context.queue_wait_ms) as flight:
+            # 4. the request_id's stored result, or a cache hit: no call, nothing reserved.
+            with self.reuse.flight(
+                job, queue_wait_ms=context.queue_wait_ms, task_id=context.task_id
+            ) as flight:
                 reused = flight.reused
                 if reused is None:
-                    # 2-3. daily budget, rate limits
-                    with self.reserve(plan, context) as reservations:
-                        outcome = self.call(plan, context)  # 5. provider chain
+                    # 2-3, 5. each attempt admitted by the daily budget and the rate limits
+                    # of its provider, then charged for what the provider answered.
+                    try:
+                        outcome = self.call(plan, context, meter)
                         # 5b. finish_reason "length": fail, retry larger or accept
-                        outcome = self.enforce_truncation(plan, context, outcome)
-                        result = self.result(plan, outcome, context, started)
-                        flight.record(result)  # paid for: kept before anything else can fail
-                        reservations.settle(result)
+                        outcome = self.enforce_truncation(plan, context, outcome, meter)
+                    finally:
+                        meter.close()
+                    result = self.result(plan, outcome, meter, context, started)
+                    flight.record(result)
                 else:
                     result = reused.result
         except LLMQError as exc:
-            self.log_job(job, context, error=exc, started=started)
+            self.log_job(job, context, meter=meter, error=exc, started=started)
             self.record_latency(context, started=started)
             raise
-        self.log_job(job, context, result=result, started=started, reused=reused)  # 6. logs
+        except Exception as exc:
+            # Its message may quote the job: the caller learns the type, never the text.
+            logs.logger.error(
+                "unexpected %s in request %s at:\n%s",
+                type(exc).__name__,
+                job.request_id,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            error = UnexpectedError(
+                f"llmq failed unexpectedly ({type(exc).__name__}) on request "
+                f"{job.request_id!r}; the worker log has the traceback. Everything the "
+                "provider answered was charged. Fix: report it; the job may be resubmitted."
+            )
+            self.log_job(job, context, meter=meter, error=error, started=started)
+            raise error from None
+        self.log_job(job, context, meter=meter, result=result, started=started, reused=reused)
         # A reused result made no provider call now: only its queue wait and total count.
         self.record_latency(context, started=started, result=None if reused else result)
         return result  # 7. the result backend stores it
+
+    def meter(self, job: CompletionJob, context: JobContext) -> Meter:
+        """The job's ledger of admissions and charges."""
+        return Meter(
+            spend=self.spend,
+            limiter=self.limiter,
+            user_id=job.user_id,
+            request_id=job.request_id,
+            record=context.log_fields,
+        )
 
     def plan(self, job: CompletionJob) -> Plan:
         """Step 2: the providers to try, in order, each priced by the cost guard."""
@@ -155,32 +183,20 @@ class Pipeline:
             deadline=time.monotonic() + self.settings.job_deadline_seconds,
         )
 
-    @contextmanager
-    def reserve(self, plan: Plan, context: JobContext | None = None) -> Iterator[Reservations]:
-        """Steps 2-3: hold the worst case against budgets and limits; release on failure."""
-        held = Reservations()
-        try:
-            # Any candidate may serve the job: hold the costliest worst case.
-            worst_case = max(c.estimate.cost_usd for c in plan.candidates)
-            held.add(self.spend.reserve(user_id=plan.job.user_id, worst_case_usd=worst_case))
-            record = context.log_fields if context else None
-            held.add(self.limiter.reserve_plan(plan, record=record))  # 3. rate limits
-            yield held
-        except BaseException:
-            held.release()
-            raise
-
     def call(
-        self, plan: Plan, context: JobContext, candidates: list[Candidate] | None = None
+        self,
+        plan: Plan,
+        context: JobContext,
+        meter: Meter,
+        candidates: list[Candidate] | None = None,
     ) -> Outcome:
         """Step 5: the provider chain with retries and the circuit breaker, every attempt logged."""
         job = plan.job
 
-        prices: dict[str, ModelPrice] = {c.provider: c.estimate.price for c in plan.candidates}
-
         def record(attempt: Attempt) -> None:
+            charge = attempt.charge
             usage = attempt.completion.usage if attempt.completion else None
-            cost = prices[attempt.provider].cost(usage) if usage else Decimal(0)
+            usage = charge.usage if charge else usage
             logs.log_call(
                 request_id=job.request_id,
                 task_id=context.task_id,
@@ -190,7 +206,8 @@ class Pipeline:
                 attempt=attempt.number,
                 input_tokens=usage.input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None,
-                cost_usd=float(round(cost, 10)),
+                cost_usd=float(round(charge.cost_usd, 10)) if charge else 0.0,
+                charged_as=charge.charged_as if charge else None,
                 latency_ms=round(attempt.latency_ms, 3),
                 queue_wait_ms=context.queue_wait_ms,
                 finish_reason=attempt.completion.finish_reason if attempt.completion else None,
@@ -202,16 +219,17 @@ class Pipeline:
                 prompt_hash=plan.prompt_hash,
             )
 
-        targets: list[Target] = [
-            (
-                get_provider(c.provider, self.settings),
-                ProviderRequest(
+        targets = [
+            Target(
+                provider=get_provider(c.provider, self.settings),
+                request=ProviderRequest(
                     messages=c.estimate.messages,
                     model=c.estimate.model,
                     max_tokens=c.estimate.max_output_tokens,
                     temperature=plan.temperature,
                     timeout=self.settings.timeout_seconds,
                 ),
+                estimate=c.estimate,
             )
             for c in candidates or plan.candidates
         ]
@@ -221,9 +239,12 @@ class Pipeline:
             policy=self.retry_policy,
             gate=self.breaker,
             deadline=plan.deadline,
+            meter=meter,
         )
 
-    def enforce_truncation(self, plan: Plan, context: JobContext, outcome: Outcome) -> Outcome:
+    def enforce_truncation(
+        self, plan: Plan, context: JobContext, outcome: Outcome, meter: Meter
+    ) -> Outcome:
         """Step 5b: the job's policy for an answer cut off at max_tokens."""
         served = next(c for c in plan.candidates if c.provider == outcome.provider)
         return self.truncation.enforce(
@@ -231,8 +252,9 @@ class Pipeline:
             policy=plan.on_truncation,
             messages=plan.job.messages,
             estimate=served.estimate,
+            # The larger call is admitted and charged like any other attempt.
             retry=lambda larger: self.call(
-                plan, context, [Candidate(provider=served.provider, estimate=larger)]
+                plan, context, meter, [Candidate(provider=served.provider, estimate=larger)]
             ),
             request_id=plan.job.request_id,
             task_id=context.task_id,
@@ -240,11 +262,11 @@ class Pipeline:
         )
 
     def result(
-        self, plan: Plan, outcome: Outcome, context: JobContext, started: float
+        self, plan: Plan, outcome: Outcome, meter: Meter, context: JobContext, started: float
     ) -> CompletionResult:
-        """Step 7: the result, priced from the usage the provider reported."""
+        """Step 7: the result, with everything the job was charged (discarded answers too)."""
         served = next(c for c in plan.candidates if c.provider == outcome.provider)
-        usage = outcome.usage  # a discarded truncated answer was paid for too
+        usage = meter.usage
         return CompletionResult(
             request_id=plan.job.request_id,
             text=outcome.completion.text,
@@ -254,7 +276,8 @@ class Pipeline:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
-            cost_usd=float(round(served.estimate.price.cost(usage), 10)),
+            cost_usd=float(round(meter.cost_usd, 10)),
+            charged_as=meter.charged_as,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             provider_latency_ms=round(sum(a.latency_ms for a in outcome.attempts), 3),
             queue_wait_ms=context.queue_wait_ms,
@@ -269,6 +292,7 @@ class Pipeline:
         context: JobContext,
         *,
         started: float,
+        meter: Meter,
         result: CompletionResult | None = None,
         error: BaseException | None = None,
         reused: Reused | None = None,
@@ -290,10 +314,15 @@ class Pipeline:
             provider=result.provider if result else None,
             model=result.model if result else job.model,
             attempt=result.attempts if result else None,
-            input_tokens=result.input_tokens if result else None,
-            output_tokens=result.output_tokens if result else None,
-            cached_input_tokens=result.cached_input_tokens if result else None,
-            cost_usd=result.cost_usd if result and not reused else 0.0,
+            input_tokens=result.input_tokens if result else meter.usage.input_tokens,
+            output_tokens=result.output_tokens if result else meter.usage.output_tokens,
+            cached_input_tokens=(
+                result.cached_input_tokens if result else meter.usage.cached_input_tokens
+            ),
+            # A failed job was still charged for every answer it received.
+            cost_usd=0.0 if reused else float(round(meter.cost_usd, 10)),
+            charged_as=meter.charged_as if meter.charges else None,
+            charged_calls=len(meter.charges),
             cache_discount_usd=self.cache_discount(result) if result and not reused else 0.0,
             messages_dropped=result.messages_dropped if result else 0,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),

@@ -23,12 +23,18 @@ from worker.errors import (
     AllProvidersFailedError,
     AuthenticationError,
     CircuitOpenError,
+    DailyBudgetExceededError,
     DeadlineExceededError,
+    MalformedResponseError,
     ProviderError,
+    RateLimitedError,
 )
+from worker.guard import Estimate
 from worker.logs import logger
+from worker.metering import AdmissionRejected, Charge, Meter, Ticket
 from worker.models import Completion, Usage
 from worker.providers import Provider, ProviderRequest
+from worker.secrets import scrub
 from worker.settings import Settings
 
 
@@ -45,6 +51,8 @@ class Attempt:
     # Seconds slept before the next attempt on the same provider; None when none follows.
     wait_seconds: float | None = None
     probe: bool = False
+    # What the attempt was charged (None: nothing was billed).
+    charge: Charge | None = None
 
 
 @dataclass(kw_only=True)
@@ -69,8 +77,17 @@ class Outcome:
         )
 
 
-Target = tuple[Provider, ProviderRequest]
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """One provider to try, the request it gets, and the estimate each attempt is admitted by."""
+
+    provider: Provider
+    request: ProviderRequest
+    estimate: Estimate | None = None
+
+
 OnAttempt = Callable[[Attempt], None]
+Rejection = RateLimitedError | DailyBudgetExceededError
 
 
 class Admission(Enum):
@@ -94,6 +111,10 @@ class Gate(Protocol):
 
     def record(self, provider: str, *, error: ProviderError | None, probe: bool) -> None:
         """Count one call's result against the provider's circuit."""
+        ...
+
+    def abandon_probe(self, provider: str) -> None:
+        """Give back a half-open probe that was never sent."""
         ...
 
 
@@ -164,27 +185,39 @@ def call_chain(
     policy: RetryPolicy | None = None,
     gate: Gate | None = None,
     deadline: float | None = None,
+    meter: Meter | None = None,
 ) -> Outcome:
-    """Try each (provider, request) in order, retrying the transient failures of each.
+    """Try each target in order, retrying the transient failures of each.
 
-    `deadline` is a `time.monotonic()` instant (default: now + policy.deadline).
-    Raises AllProvidersFailedError (DeadlineExceededError when time ran out) naming
-    each provider's last error.
+    `deadline` is a `time.monotonic()` instant (default: now + policy.deadline). With a
+    `meter`, every attempt is admitted by the budget and the limits of its provider
+    first; a provider they refuse is skipped like one whose circuit is open. Raises the
+    refusal (RateLimitedError, DailyBudgetExceededError) when one kept every provider
+    from answering, else AllProvidersFailedError (DeadlineExceededError when time ran
+    out) naming each provider's last error.
     """
     policy = policy or RetryPolicy()
     deadline = time.monotonic() + policy.deadline if deadline is None else deadline
     attempts: list[Attempt] = []
     last_errors: list[str] = []
+    rejections: list[Rejection] = []
     out_of_time = False
-    for provider, request in targets:
+    for target in targets:
+        provider, request = target.provider, target.request
         if time.monotonic() >= deadline:
             out_of_time = True
             break
         caller = _ProviderCaller(
-            provider, request, policy=policy, gate=gate, deadline=deadline, log=on_attempt
+            target, policy=policy, gate=gate, deadline=deadline, log=on_attempt, meter=meter
         )
         try:
             completion = caller.call(first_number=len(attempts) + 1)
+        except AdmissionRejected as exc:
+            if exc.job_wide:
+                raise exc.error from None
+            rejections.append(exc.error)
+            last_errors.append(f"{provider.name} ({request.model}): {exc.error}")
+            continue
         except ProviderError as exc:
             if isinstance(exc, AuthenticationError):
                 # Loud on purpose: a revoked or mistyped key fails every job on this provider.
@@ -203,6 +236,12 @@ def call_chain(
         return Outcome(
             provider=provider.name, model=request.model, completion=completion, attempts=attempts
         )
+    if rejections:
+        # Waiting frees a rate limit; prefer it, soonest first, over an exhausted budget.
+        limited = [r for r in rejections if isinstance(r, RateLimitedError)]
+        if limited:
+            raise min(limited, key=lambda r: r.retry_after or 0.0)
+        raise rejections[0]
     if out_of_time:
         raise DeadlineExceededError(
             f"Job deadline of {policy.deadline:g}s (LLM_JOB_DEADLINE_SECONDS) reached "
@@ -221,16 +260,18 @@ class _ProviderCaller:
 
     def __init__(
         self,
-        provider: Provider,
-        request: ProviderRequest,
+        target: Target,
         *,
         policy: RetryPolicy,
         gate: Gate | None,
         deadline: float,
         log: OnAttempt,
+        meter: Meter | None,
     ) -> None:
-        self.provider = provider
-        self.request = request
+        self.provider = target.provider
+        self.request = target.request
+        self.estimate = target.estimate
+        self.meter = meter
         self.policy = policy
         self.gate = gate
         self.deadline = deadline
@@ -270,6 +311,10 @@ class _ProviderCaller:
         )
         try:
             return retrying(self._attempt)
+        except AdmissionRejected:
+            if self.probe and self.gate is not None:
+                self.gate.abandon_probe(self.provider.name)
+            raise
         finally:
             self._log_failed(None)
 
@@ -280,19 +325,37 @@ class _ProviderCaller:
                 f"{self.provider.name}'s circuit opened during retries; moving on",
                 provider=self.provider.name,
             )
+        ticket: Ticket | None = None
+        if self.meter is not None and self.estimate is not None:
+            ticket = self.meter.admit(self.provider.name, self.estimate)  # AdmissionRejected
         request = self.request
         remaining = self.deadline - time.monotonic()
         if remaining < request.timeout:
             request = dataclasses.replace(request, timeout=max(remaining, 0.1))
         started = time.perf_counter()
+        completion: Completion | None = None
+        error: ProviderError | None = None
         try:
-            completion = self.provider.complete(request)
+            completion = _clean(self.provider.complete(request))
         except ProviderError as exc:
-            self._record(exc)
-            self._failed = self._make(started, error=exc)
-            raise
-        self._record(None)
-        attempt = self._make(started, completion=completion)
+            error = exc
+        except Exception as exc:  # an SDK or adapter bug must not crash the job
+            # Its message may quote the request: only the type is kept. It is charged at
+            # the worst case, since the provider may have answered before the failure.
+            logger.error("%s call failed unexpectedly: %s", self.provider.name, type(exc).__name__)
+            error = MalformedResponseError(
+                f"{self.provider.name} call failed unexpectedly ({type(exc).__name__})",
+                provider=self.provider.name,
+                answered=True,
+            )
+        charge = None
+        if ticket is not None and self.meter is not None:
+            charge = self.meter.settle(ticket, completion=completion, error=error)
+        self._record(error)
+        if completion is None:
+            self._failed = self._make(started, error=error, charge=charge)
+            raise error or MalformedResponseError("no answer", provider=self.provider.name)
+        attempt = self._make(started, completion=completion, charge=charge)
         self.attempts.append(attempt)
         self.log(attempt)
         return completion
@@ -303,6 +366,7 @@ class _ProviderCaller:
         *,
         completion: Completion | None = None,
         error: ProviderError | None = None,
+        charge: Charge | None = None,
     ) -> Attempt:
         return Attempt(
             provider=self.provider.name,
@@ -312,6 +376,7 @@ class _ProviderCaller:
             completion=completion,
             error=error,
             probe=self.probe,
+            charge=charge,
         )
 
     def _log_failed(self, retry_state: RetryCallState | None) -> None:
@@ -326,3 +391,9 @@ class _ProviderCaller:
     def _record(self, error: ProviderError | None) -> None:
         if self.gate is not None:
             self.gate.record(self.provider.name, error=error, probe=self.probe)
+
+
+def _clean(completion: Completion) -> Completion:
+    """The answer with any configured secret the provider quoted back masked."""
+    text = scrub(completion.text)
+    return completion if text == completion.text else completion.model_copy(update={"text": text})

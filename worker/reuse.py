@@ -38,9 +38,15 @@ class Flight:
     """One job's pass through the step: what it reused, or the locks it holds while it calls."""
 
     def __init__(
-        self, *, job: CompletionJob, request: CacheRequest | None, reuse: ResultReuse
+        self,
+        *,
+        job: CompletionJob,
+        request: CacheRequest | None,
+        reuse: ResultReuse,
+        task_id: str | None = None,
     ) -> None:
         self.job = job
+        self.task_id = task_id
         self.request = request
         self.reused: Reused | None = None
         self.locks: list[RenewedLock] = []
@@ -72,11 +78,13 @@ class ResultReuse:
         self.idempotency = IdempotencyStore(self.redis, ttl=settings.result_expires)
 
     @contextmanager
-    def flight(self, job: CompletionJob, *, queue_wait_ms: float | None) -> Iterator[Flight]:
+    def flight(
+        self, job: CompletionJob, *, queue_wait_ms: float | None, task_id: str | None = None
+    ) -> Iterator[Flight]:
         """Find a reusable result, or hold the locks that make identical jobs wait for ours."""
         started = time.perf_counter()
         request = cache_request(job, settings=self.settings, prices=self.prices)
-        flight = Flight(job=job, request=request, reuse=self)
+        flight = Flight(job=job, request=request, reuse=self, task_id=task_id)
         try:
             try:
                 flight.reused = self._replay(flight) or self._cached(flight, started, queue_wait_ms)
@@ -93,16 +101,20 @@ class ResultReuse:
 
     def _replay(self, flight: Flight) -> Reused | None:
         job = flight.job
+        # IdempotencyConflictError / TaskIdConflictError: no call, nothing reserved.
+        self.idempotency.bind(job, task_id=flight.task_id)
         lock = self._lock(self.idempotency.lock_key(job))
         wait = self.settings.cache_wait_seconds
         stored, leading = lead_or_follow(lock, lambda: self.idempotency.get(job), wait=wait)
         if stored is not None:
             return Reused(result=stored, kind="replay", cost_saved_usd=stored.cost_usd)
         if not leading:
+            # Never advise a new request_id: that would pay for the same answer twice.
             raise JobInProgressError(
                 f"request_id {job.request_id!r} is still running on another worker after "
                 f"{wait:g}s (LLM_CACHE_WAIT_SECONDS); it stores its result under the same id. "
-                "Fix: wait for that result, or submit the job with a new request_id."
+                "Fix: wait and poll the same job id, or submit again with the same request_id "
+                "later to get the stored result."
             )
         flight.locks.append(lock)
         return None

@@ -39,6 +39,10 @@ CACHE_VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 OnLimit = Literal["fail", "defer"]
+# A deferred job waits for its countdown and then runs for up to the job deadline while its
+# worker holds it unacknowledged; this much of the visibility timeout is left as slack.
+DEFER_MARGIN_SECONDS = 5.0
+DEFAULT_CHUNK_TOKENS = 3000
 
 
 def _env(*names: str) -> AliasChoices:
@@ -199,8 +203,10 @@ class Settings(BaseSettings):
     )
 
     # Batch summarization (batch issue)
-    batch_chunk_tokens: int | None = Field(
-        None, ge=64, le=2_000_000, validation_alias=_env("LLM_BATCH_CHUNK_TOKENS")
+    # A few thousand tokens per call summarize well: models keep the detail of a short
+    # text (long inputs lose their middle), and the calls of one document run in parallel.
+    batch_chunk_tokens: int = Field(
+        DEFAULT_CHUNK_TOKENS, ge=64, le=2_000_000, validation_alias=_env("LLM_BATCH_CHUNK_TOKENS")
     )
     batch_concurrency: int = Field(
         16, ge=1, le=10_000, validation_alias=_env("LLM_BATCH_CONCURRENCY")
@@ -235,14 +241,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _deadline_below_visibility_timeout(self) -> Settings:
-        # A job still running when its message becomes visible again runs twice.
-        if self.job_deadline_seconds >= self.visibility_timeout:
+        # A job still running when its message becomes visible again runs twice; a
+        # deferred one also waits out its countdown first, so room must be left for that.
+        room = self.visibility_timeout - self.job_deadline_seconds - DEFER_MARGIN_SECONDS
+        if room < 1:
             raise ConfigurationError(
                 "Invalid llmq configuration:\n  "
-                f"LLM_JOB_DEADLINE_SECONDS={self.job_deadline_seconds:g} must be below "
-                f"LLM_VISIBILITY_TIMEOUT={self.visibility_timeout}: a job still running when "
-                "its message becomes visible again is delivered to a second worker. Fix: "
-                "lower LLM_JOB_DEADLINE_SECONDS or raise LLM_VISIBILITY_TIMEOUT (see .env.example)."
+                f"LLM_JOB_DEADLINE_SECONDS={self.job_deadline_seconds:g} must be at least "
+                f"{DEFER_MARGIN_SECONDS + 1:g}s below LLM_VISIBILITY_TIMEOUT="
+                f"{self.visibility_timeout}: a job still running (or still waiting out a "
+                "rate-limit deferral) when its message becomes visible again is delivered "
+                "to a second worker. Fix: lower LLM_JOB_DEADLINE_SECONDS or raise "
+                "LLM_VISIBILITY_TIMEOUT (see .env.example)."
             )
         return self
 
@@ -332,11 +342,15 @@ def load_settings(**overrides: object) -> Settings:
             alias = info.validation_alias if info else None
             env = alias.choices[0] if isinstance(alias, AliasChoices) else field
             value = error.get("input")
-            shown = "<hidden>" if "KEY" in str(env) else repr(value)
+            shown = "<hidden>" if "KEY" in str(env) or "PASSWORD" in str(env) else repr(value)
             lines.append(f"{env}={shown}: {error['msg']}")
+        from worker.secrets import scrub
+
+        # A Redis URL's password must not reach the message (ConfigurationError scrubs
+        # configured secrets, but these settings did not load).
         raise ConfigurationError(
             "Invalid llmq configuration:\n  "
-            + "\n  ".join(lines)
+            + "\n  ".join(scrub(line) for line in lines)
             + "\nFix the variables above in the environment or in .env (see .env.example)."
         ) from None
 

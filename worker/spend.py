@@ -20,13 +20,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from worker.errors import DailyBudgetExceededError
-from worker.models import CompletionResult
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.metering import Charge
 
 UNITS_PER_USD = 10**10
 # Day keys outlive their day so `llmq cost --today` style reads work for a month.
@@ -157,9 +159,9 @@ class BudgetReservation:
     id: str
     units: int
 
-    def settle(self, result: CompletionResult) -> None:
-        """Replace the reservation by the job's actual cost."""
-        self.tracker.settle(self, result)
+    def settle(self, charge: Charge) -> None:
+        """Replace the reservation by what the answer cost."""
+        self.tracker.settle(self, charge)
 
     def release(self) -> None:
         """Give the reservation back: the job failed."""
@@ -236,24 +238,24 @@ class SpendTracker:
             "00:00 UTC, or raise LLM_USER_DAILY_BUDGET_USD."
         )
 
-    def settle(self, reservation: BudgetReservation, result: CompletionResult) -> None:
-        """Record the job's actual cost and usage; free the rest of its reservation."""
+    def settle(self, reservation: BudgetReservation, charge: Charge) -> None:
+        """Record an answer's cost and usage; free the rest of its reservation."""
         keys = self.keys(reservation.day)
-        saved = getattr(result, "cost_saved_usd", None) or 0
+        usage = charge.usage
         counters = [
-            result.input_tokens,
-            result.output_tokens,
-            result.cached_input_tokens,
-            to_units(result.cost_usd),
-            to_units(saved),
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+            to_units(charge.cost_usd),
+            0,
         ]
         try:
             alert, total, held = self._settle(
                 keys=[
                     keys.held(reservation.user_id),
                     keys.counters("user", reservation.user_id),
-                    keys.counters("model", result.model),
-                    keys.counters("provider", result.provider),
+                    keys.counters("model", charge.model),
+                    keys.counters("provider", charge.provider),
                     keys.total,
                     keys.index,
                     keys.alerted,
@@ -264,21 +266,21 @@ class SpendTracker:
                     -1 if self.alert_units is None else self.alert_units,
                     RETENTION_SECONDS,
                     f"user:{reservation.user_id}",
-                    f"model:{result.model}",
-                    f"provider:{result.provider}",
+                    f"model:{charge.model}",
+                    f"provider:{charge.provider}",
                 ],
             )
         except redis.RedisError as exc:
             # The provider has been paid: failing the job now would only make the
             # caller pay again. The reservation expires on its own.
-            logger.error("spend not recorded for request %s: %s", result.request_id, exc)
+            logger.error("spend not recorded for reservation %s: %s", reservation.id, exc)
             return
         if not int(held):
             # Its budget was free for others while the job still ran: the TTL is too short.
             logger.warning(
-                "request %s outlived its budget reservation (%d s); raise "
+                "reservation %s outlived its budget reservation TTL (%d s); raise "
                 "LLM_BUDGET_RESERVATION_TTL above the longest a job can run",
-                result.request_id,
+                reservation.id,
                 self.reservation_ttl,
                 extra={"event": "reservation_expired", "user_id": reservation.user_id},
             )

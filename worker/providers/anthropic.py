@@ -10,7 +10,14 @@ import anthropic
 
 from worker.errors import MalformedResponseError, ProviderConnectionError, ProviderTimeoutError
 from worker.models import Completion, FinishReason, Message, Usage
-from worker.providers.base import ProviderRequest, error_for_status, error_message, short
+from worker.providers.base import (
+    ProviderRequest,
+    error_for_status,
+    error_message,
+    request_sent,
+    short,
+    usage_of,
+)
 
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -73,51 +80,72 @@ class AnthropicProvider:
             )
         except anthropic.APITimeoutError as exc:
             raise ProviderTimeoutError(
-                f"anthropic timed out after {request.timeout}s", provider=self.name
-            ) from exc
+                f"anthropic timed out after {request.timeout}s",
+                provider=self.name,
+                sent=request_sent(exc),
+            ) from None
         except anthropic.APIConnectionError as exc:
             raise ProviderConnectionError(
-                f"anthropic unreachable: {short(exc)}", provider=self.name
-            ) from exc
+                f"anthropic unreachable: {short(exc)}",
+                provider=self.name,
+                sent=request_sent(exc),
+            ) from None
         except anthropic.APIStatusError as exc:
             raise error_for_status(
                 exc.status_code,
                 short(error_message(exc.body) or exc.message),
                 provider=self.name,
                 headers=exc.response.headers,
-            ) from exc
+            ) from None
         except (anthropic.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
+            # A 200 whose body cannot be read: it may still have been billed.
             raise MalformedResponseError(
-                f"anthropic sent a response that is not valid JSON: {short(exc)}",
+                f"anthropic sent a response that is not valid JSON: {type(exc).__name__}",
                 provider=self.name,
-            ) from exc
+                answered=True,
+            ) from None
         return self._normalize(response)
 
     def _normalize(self, response: Any) -> Completion:
+        """The answer as a Completion, or MalformedResponseError carrying whatever usage it had."""
+        usage = self._usage(response)
         blocks = getattr(response, "content", None)
         if not isinstance(blocks, list):
-            raise MalformedResponseError("anthropic sent no content", provider=self.name)
-        text = "".join(getattr(b, "text", "") for b in blocks if getattr(b, "type", "") == "text")
-        reason = STOP_REASONS.get(str(response.stop_reason), "other")
+            raise self._malformed("sent no content", usage)
+        text = "".join(
+            str(getattr(b, "text", "") or "") for b in blocks if getattr(b, "type", "") == "text"
+        )
+        stop_reason = getattr(response, "stop_reason", None)
+        reason = STOP_REASONS.get(str(stop_reason), "other")
         if not text.strip() and reason == "stop":
-            raise MalformedResponseError(
-                f"anthropic sent empty content (stop_reason={response.stop_reason})",
-                provider=self.name,
-            )
-        usage = getattr(response, "usage", None)
+            raise self._malformed(f"sent empty content (stop_reason={stop_reason})", usage)
         if usage is None:
-            raise MalformedResponseError("anthropic sent no usage", provider=self.name)
-        cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
-        cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
-        # Anthropic counts cache reads and writes apart from `input_tokens`; we report
-        # all input together, with the cache reads as the cached subset.
+            raise self._malformed("sent no usable usage (token counts)", None)
         return Completion(
             text=text,
             finish_reason=reason,
-            usage=Usage(
-                input_tokens=usage.input_tokens + cache_read + cache_write,
-                output_tokens=usage.output_tokens,
-                cached_input_tokens=cache_read,
-            ),
+            usage=usage,
             model=str(getattr(response, "model", "") or ""),
+        )
+
+    def _usage(self, response: Any) -> Usage | None:
+        usage = getattr(response, "usage", None)
+        counted = usage_of(
+            getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None)
+        )
+        cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
+        cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
+        if counted is None or not all(isinstance(n, int) for n in (cache_read, cache_write)):
+            return None
+        # Anthropic counts cache reads and writes apart from `input_tokens`; we report
+        # all input together, with the cache reads as the cached subset.
+        return Usage(
+            input_tokens=counted.input_tokens + cache_read + cache_write,
+            output_tokens=counted.output_tokens,
+            cached_input_tokens=cache_read,
+        )
+
+    def _malformed(self, problem: str, usage: Usage | None) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"anthropic {problem}", provider=self.name, answered=True, usage=usage
         )

@@ -6,7 +6,7 @@ import email.utils
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from worker.errors import (
     AuthenticationError,
@@ -15,7 +15,7 @@ from worker.errors import (
     ProviderUnavailableError,
     RateLimitedByProviderError,
 )
-from worker.models import Completion, Message
+from worker.models import Completion, Message, Usage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +76,23 @@ def error_for_status(
     if status in (401, 403):
         return AuthenticationError(text, provider=provider, status=status)
     return ProviderRequestError(text, provider=provider, status=status)
+
+
+def request_sent(exc: BaseException) -> bool:
+    """False when the HTTP client never connected, so the provider cannot have billed."""
+    return type(exc.__cause__).__name__ not in ("ConnectError", "ConnectTimeout")
+
+
+def usage_of(input_tokens: object, output_tokens: object, cached: object = 0) -> Usage | None:
+    """A Usage from the numbers a provider reported, or None if any is missing or not a count."""
+    counts = [v for v in (input_tokens, output_tokens, cached or 0) if _is_count(v)]
+    if len(counts) != 3:
+        return None
+    return Usage(input_tokens=counts[0], output_tokens=counts[1], cached_input_tokens=counts[2])
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def short(text: object, limit: int = 300) -> str:

@@ -10,7 +10,14 @@ import openai
 
 from worker.errors import MalformedResponseError, ProviderConnectionError, ProviderTimeoutError
 from worker.models import Completion, FinishReason, Usage
-from worker.providers.base import ProviderRequest, error_for_status, error_message, short
+from worker.providers.base import (
+    ProviderRequest,
+    error_for_status,
+    error_message,
+    request_sent,
+    short,
+    usage_of,
+)
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -55,50 +62,65 @@ class OpenAIProvider:
             )
         except openai.APITimeoutError as exc:
             raise ProviderTimeoutError(
-                f"{self.name} timed out after {request.timeout}s", provider=self.name
-            ) from exc
+                f"{self.name} timed out after {request.timeout}s",
+                provider=self.name,
+                sent=request_sent(exc),
+            ) from None
         except openai.APIConnectionError as exc:
             raise ProviderConnectionError(
-                f"{self.name} unreachable: {short(exc)}", provider=self.name
-            ) from exc
+                f"{self.name} unreachable: {short(exc)}",
+                provider=self.name,
+                sent=request_sent(exc),
+            ) from None
         except openai.APIStatusError as exc:
             raise error_for_status(
                 exc.status_code,
                 short(error_message(exc.body) or exc.message),
                 provider=self.name,
                 headers=exc.response.headers,
-            ) from exc
+            ) from None
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
+            # A 200 whose body cannot be read: it may still have been billed.
             raise MalformedResponseError(
-                f"{self.name} sent a response that is not valid JSON: {short(exc)}",
+                f"{self.name} sent a response that is not valid JSON: {type(exc).__name__}",
                 provider=self.name,
-            ) from exc
+                answered=True,
+            ) from None
         return self._normalize(response)
 
     def _normalize(self, response: Any) -> Completion:
+        """The answer as a Completion, or MalformedResponseError carrying whatever usage it had."""
+        usage = self._usage(response)
         choices = getattr(response, "choices", None)
-        if not choices:
-            raise MalformedResponseError(f"{self.name} sent no choices", provider=self.name)
+        if not isinstance(choices, list) or not choices:
+            raise self._malformed("sent no choices", usage)
         choice = choices[0]
-        text = getattr(choice.message, "content", None)
-        reason = FINISH_REASONS.get(str(choice.finish_reason), "other")
+        text = getattr(getattr(choice, "message", None), "content", None)
+        reason = FINISH_REASONS.get(str(getattr(choice, "finish_reason", None)), "other")
         if not isinstance(text, str) or (not text.strip() and reason == "stop"):
-            raise MalformedResponseError(
-                f"{self.name} sent empty content (finish_reason={choice.finish_reason})",
-                provider=self.name,
+            raise self._malformed(
+                f"sent empty content (finish_reason={getattr(choice, 'finish_reason', None)})",
+                usage,
             )
-        usage = getattr(response, "usage", None)
         if usage is None:
-            raise MalformedResponseError(f"{self.name} sent no usage", provider=self.name)
-        details = getattr(usage, "prompt_tokens_details", None)
-        cached = getattr(details, "cached_tokens", None) or 0
+            raise self._malformed("sent no usable usage (token counts)", None)
         return Completion(
             text=text,
             finish_reason=reason,
-            usage=Usage(
-                input_tokens=usage.prompt_tokens,
-                output_tokens=usage.completion_tokens,
-                cached_input_tokens=cached,
-            ),
+            usage=usage,
             model=str(getattr(response, "model", "") or ""),
+        )
+
+    def _usage(self, response: Any) -> Usage | None:
+        usage = getattr(response, "usage", None)
+        details = getattr(usage, "prompt_tokens_details", None)
+        return usage_of(
+            getattr(usage, "prompt_tokens", None),
+            getattr(usage, "completion_tokens", None),
+            getattr(details, "cached_tokens", None),
+        )
+
+    def _malformed(self, problem: str, usage: Usage | None) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"{self.name} {problem}", provider=self.name, answered=True, usage=usage
         )
