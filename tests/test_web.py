@@ -6,11 +6,8 @@ import json
 import logging
 import select
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,56 +18,12 @@ import requests
 
 from producer.keys import KeyStore
 from tests.fakes import FakeProvider, Fault
-from tests.harness import ROOT, Isolated, RedisServer, free_port, wait_for
-from worker.settings import API_KEY_ENV
+from tests.harness import Isolated, RedisServer, serve_front, wait_for
 
 PROMPT = "Web prompt QUOKKA-51 must never leave the queue."
 MARKER = "QUOKKA"
 LIMIT = 1_048_576  # LLM_HTTP_MAX_BODY_BYTES's default, which the module's server runs with
 BIG = 50 * 1024 * 1024
-
-
-@contextmanager
-def serve(env: dict[str, str], run_dir: Path) -> Iterator[tuple[str, Path]]:
-    """uvicorn producer.web:app on a free port; yields its base URL and its log."""
-    port = free_port()
-    log_path = run_dir / f"web-{port}.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "producer.web:app",
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--log-level",
-                "warning",
-            ],
-            # The front never needs a provider key: it is given none.
-            env={k: v for k, v in env.items() if k not in API_KEY_ENV.values()},
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if server.poll() is not None:
-                raise RuntimeError(f"uvicorn exited:\n{log_path.read_text()}")
-            try:
-                return requests.get(f"{base}/docs", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        try:
-            wait_for(up, timeout=30, what="uvicorn")
-            yield base, log_path
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +47,7 @@ def stack(
 @pytest.fixture(scope="module")
 def front_url(stack: Isolated, run_dir: Path) -> Iterator[str]:
     """The front with its default settings (auth on, 1 MiB bodies), for the whole module."""
-    with serve({**stack.env, "LLM_P95_ALERT_MS": "250"}, run_dir) as (base, _):
+    with serve_front({**stack.env, "LLM_P95_ALERT_MS": "250"}, run_dir) as (base, _):
         yield base
 
 
@@ -375,7 +328,7 @@ def test_a_bad_body_is_422_quoting_no_input(front: Front, template: str) -> None
 def test_auth_off_takes_the_user_from_the_body_and_warns(
     stack: Isolated, run_dir: Path, front: Front
 ) -> None:
-    with serve({**stack.env, "LLM_HTTP_AUTH": "false"}, run_dir) as (base, log_path):
+    with serve_front({**stack.env, "LLM_HTTP_AUTH": "false"}, run_dir) as (base, log_path):
         accepted = requests.post(
             f"{base}/v1/completions", json={**job(), "user_id": "trusted"}, timeout=10
         )
