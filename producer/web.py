@@ -8,6 +8,7 @@ unless LLM_HTTP_AUTH=false; a job can be read only with a key of the user who po
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -256,7 +257,14 @@ async def _invalid_job(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The front for `settings` (default: the process's settings)."""
+    # Jobs are sent and read through the process's Celery app (producer.app, REDIS_URL of
+    # the environment): `settings` must name the same Redis for keys and owners to match.
     settings = settings or get_settings()
+    if "max_body_size" not in inspect.signature(FastAPI).parameters:
+        # Older FastAPI takes the keyword silently (into `extra`): there would be no limit.
+        raise RuntimeError(
+            "producer.web needs a FastAPI with max_body_size (fastapi>=0.165, see pyproject)"
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
