@@ -325,6 +325,29 @@ def test_a_bad_body_is_422_quoting_no_input(front: Front, template: str) -> None
     assert front.queued() == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            f'{{"messages": [{{"role": "user", "content": "\xff {PROMPT}"}}]}}'.encode("latin-1"),
+            id="not-utf-8",
+        ),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100000-deep"),
+    ],
+)
+def test_a_body_that_does_not_parse_is_400_quoting_nothing(front: Front, body: bytes) -> None:
+    answer = requests.post(
+        f"{front.base}/v1/completions",
+        data=body,
+        headers={**front.auth("alice"), "Content-Type": "application/json"},
+        timeout=10,
+    )
+    # FastAPI's own answer for a body json.loads cannot read at all: not a 500, no input.
+    assert answer.status_code == 400, answer.text
+    assert MARKER not in answer.text and "[[" not in answer.text
+    assert front.queued() == 0
+
+
 def test_auth_off_takes_the_user_from_the_body_and_warns(
     stack: Isolated, run_dir: Path, front: Front
 ) -> None:
