@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -21,7 +21,12 @@ from bench.report import Report, ms
 from tests.harness import ROOT
 from worker.metrics import percentile
 
-CORPUS = ROOT.parent / "shared" / "corpus" / "peps"
+if TYPE_CHECKING:
+    from producer.batch import Document
+
+# Used when present beside the checkout; otherwise the batch benchmark runs on the
+# corpus the tests generate from the environment (tests/corpus.py).
+PEPS = ROOT.parent / "shared" / "corpus" / "peps"
 MODEL = "gpt-4o-mini"
 
 
@@ -115,21 +120,42 @@ def cache_hits(env: Environment, report: Report) -> None:
     )
 
 
+def batch_documents(env: Environment, count: int) -> tuple[list[Document], str]:
+    """The batch's documents and a sentence saying which corpus they come from."""
+    from producer.batch import find_documents
+
+    if PEPS.is_dir():
+        documents = find_documents([str(PEPS)])[:count]
+        return (
+            documents,
+            f"The first {len(documents)} PEPs of `../shared/corpus/peps` (read in place)",
+        )
+    from tests import corpus
+
+    directory = corpus.write(env.base / "corpus")
+    documents = find_documents([str(directory)])[:count]
+    return documents, (
+        f"The first {len(documents)} documents (by name) of the generated test corpus "
+        "(`tests/corpus.py`: standard-library documentation, the language reference topics "
+        "and installed packages' READMEs; `../shared/corpus/peps` was absent)"
+    )
+
+
 def batch(env: Environment, report: Report) -> None:
-    """`llmq summarize` over PEPs at 300 ms per call behind a provider request limit."""
-    from producer.batch import BatchOptions, BatchRun, find_documents
+    """`llmq summarize` over a corpus at 300 ms per call behind a provider request limit."""
+    from producer.batch import BatchOptions, BatchRun
 
     limit, window = (5, 1.0) if env.quick else (100, 10.0)
     count = 3 if env.quick else 300
     chunk_tokens = 2000
     rate = limit / window
-    documents = find_documents([str(CORPUS)])[:count]
+    documents, source = batch_documents(env, count)
     section = report.section(
         "4. Batch summarization under a provider rate limit",
-        f"The first {len(documents)} PEPs of `../shared/corpus/peps` (read in place), "
-        f"chunked at {chunk_tokens} tokens (map-reduce), through `BatchRun` (16 documents in "
-        "flight, `cache=False`), one worker (threads, 16) on the `batch` queue. The fake "
-        f"answers after 300 ms; `LLM_PROVIDER_LIMITS` allows openai {limit} requests per "
+        f"{source}, chunked at {chunk_tokens} tokens (map-reduce), through `BatchRun` "
+        "(16 documents in flight, `cache=False`), one worker (threads, 16) on the `batch` "
+        "queue. The fake answers after 300 ms; `LLM_PROVIDER_LIMITS` allows openai "
+        f"{limit} requests per "
         f"{window:g} s window (`LLM_PROVIDER_WINDOW_SECONDS={window:g}`: {rate * 60:.0f} "
         "requests/minute); limited calls defer. Ideal wall time = provider calls / rate.",
         ["figure", "value"],
@@ -196,7 +222,8 @@ def batch(env: Environment, report: Report) -> None:
 
 def limiter(env: Environment, report: Report) -> None:
     """RateLimiter.check from several threads, against redis-benchmark's EVAL on the server."""
-    from worker.limits import _RESERVE, RateLimiter
+    from worker.limits import RateLimiter
+    from worker.scripts import source
     from worker.settings import ProviderLimits, get_settings
 
     threads = 8
@@ -235,7 +262,7 @@ def limiter(env: Environment, report: Report) -> None:
 
     port = str(redis.Redis.from_url(env.redis.url).connection_pool.connection_kwargs["port"])
     baseline = _redis_benchmark(port, requests, threads, ["EVAL", "return 1", "0"])
-    sha = client.script_load(_RESERVE)
+    sha = client.script_load(source("return llmq.limits_reserve(KEYS, ARGV)"))
     keys = [key for limit in limits for key in limit.redis_keys]
     args = ["bench-reservation"]
     for limit in limits:

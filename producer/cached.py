@@ -69,15 +69,14 @@ def lookup(
         return None  # the worker rejects it with a message saying what to fix
     client = redis_client(settings)
     try:
-        if replay and (stored := IdempotencyStore(client, ttl=0).get(job)) is not None:
+        if replay and (stored := IdempotencyStore(client).get(job)) is not None:
             return CachedResult(task_id, stored.model_dump())
         if request is None:
             return None
-        cache = ResponseCache.from_settings(settings)
-        stored = cache.get(request)
+        # One round trip: the entry, counted as a hit when found.
+        stored = ResponseCache.from_settings(settings).lookup(request)
         if stored is None:
             return None  # the worker's own lookup counts the miss
-        cache.record_hit(stored.cost_usd)
     except redis.RedisError:
         return None
     result = served_from_cache(

@@ -77,6 +77,14 @@ def run_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated corpus (tests/corpus.py) written as files, one per document."""
+    from tests import corpus
+
+    return corpus.write(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeProvider]:
     """The fake provider for the whole session."""
     server = FakeProvider()
@@ -107,7 +115,12 @@ def app() -> Any:
     return celery_app
 
 
-_next_db = iter(range(1, 16))
+_next_db = iter(range(1, 256))
+
+
+def next_db() -> int:
+    """A database of the session's Redis that no other test uses (0 is the shared one)."""
+    return next(_next_db)
 
 
 @pytest.fixture
@@ -118,7 +131,7 @@ def isolated(worker_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     from worker.app import configure
     from worker.settings import load_settings
 
-    url = f"redis://127.0.0.1:{redis_server.port}/{next(_next_db)}"
+    url = f"redis://127.0.0.1:{redis_server.port}/{next_db()}"
     celery_app = Celery("llmq-isolated", set_as_current=False)
     configure(celery_app, load_settings(REDIS_URL=url))
     yield Isolated(env={**worker_env, "REDIS_URL": url}, app=celery_app, url=url)

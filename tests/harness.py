@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 import requests
@@ -60,10 +61,21 @@ class Isolated:
 class RedisServer:
     """A private redis-server on a free port, which tests may kill and restart."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = False,
+        args: Sequence[str] = (),
+        password: str | None = None,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.appendonly = appendonly
+        # Extra redis-server options, after the defaults so they win: e.g.
+        # ("--maxmemory", "5mb", "--maxmemory-policy", "allkeys-lru").
+        self.args = [*args, *(["--requirepass", password] if password else [])]
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         binary = shutil.which("redis-server")
         if binary is None:
@@ -73,8 +85,9 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """redis:// URL of database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """redis:// URL of database 0 (with the password, if the server has one)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start (or restart) the server on the same port and directory."""
@@ -88,17 +101,21 @@ class RedisServer:
                 "127.0.0.1",
                 "--dir",
                 str(self.directory),
+                # Tests that need a Redis of their own each take a database of it.
+                "--databases",
+                "256",
                 "--save",
                 "",
                 "--appendonly",
                 "yes" if self.appendonly else "no",
                 "--appendfsync",
                 "always",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         wait_for(lambda: _pings(client), timeout=10, what=f"redis-server on {self.port}")
 
     def stop(self, *, sig: int = signal.SIGTERM) -> None:
@@ -109,7 +126,7 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A fresh client with str responses."""
-        return redis.Redis(port=self.port, decode_responses=True)
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True)
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -1,4 +1,4 @@
-"""`llmq summarize` end to end: inputs, resume, report, the batch queue, the 703 PEPs."""
+"""`llmq summarize` end to end: inputs, resume, report, the batch queue, a real corpus."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from producer.batch import (
     percentile,
     resolved_model,
 )
+from tests import corpus
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider
 from tests.harness import ROOT, RedisServer, wait_for
@@ -37,8 +38,10 @@ from worker import tokens
 from worker.chunking import Chunker
 from worker.mapreduce import SEPARATOR, combine_instruction
 
-PEPS = ROOT.parent / "shared" / "corpus" / "peps"
-CHUNK_TOKENS = 6000
+# Low enough that dozens of the corpus documents are split into several parts.
+CHUNK_TOKENS = 2000
+# A smaller batch: the installed distributions' READMEs (Markdown, rST, unicode).
+READMES = "dist-*"
 
 
 def lines(path: Path) -> list[Record]:
@@ -159,21 +162,20 @@ def test_report_sums_records_and_percentiles() -> None:
 
 
 @pytest.fixture(scope="module")
-def peps_chunks() -> dict[str, list[str]]:
-    """Each PEP's chunks at CHUNK_TOKENS, by the chunker, each checked with tiktoken itself."""
-    assert PEPS.is_dir(), f"the acceptance corpus is missing: {PEPS}"
+def corpus_chunks(corpus_dir: Path) -> dict[str, list[str]]:
+    """Each document's chunks at CHUNK_TOKENS, by the chunker, each checked with tiktoken."""
     tokens.install_offline_encodings()
     encoding = tiktoken.get_encoding("o200k_base")
     chunker = Chunker.for_model("gpt-4o-mini", budget=CHUNK_TOKENS)
     expected: dict[str, list[str]] = {}
-    for document in find_documents([str(PEPS)]):
+    for document in find_documents([str(corpus_dir)]):
         chunks = chunker.split(document.text)
         size = len(encoding.encode(document.text.strip(), disallowed_special=()))
         assert all(len(encoding.encode(c, disallowed_special=())) <= CHUNK_TOKENS for c in chunks)
         assert (len(chunks) > 1) == (size > CHUNK_TOKENS)
         assert len(chunks) >= math.ceil(size / CHUNK_TOKENS)
         expected[document.id] = chunks
-    assert len(expected) == 703
+    assert len(expected) == len(corpus.documents()) >= 300
     return expected
 
 
@@ -182,25 +184,28 @@ def calls_for(chunks: list[str]) -> int:
     return 1 if len(chunks) == 1 else len(chunks) + 1
 
 
-def test_703_peps_interrupted_then_resumed(
+def test_corpus_interrupted_then_resumed(
     start_worker: StartWorker,
     fake: FakeProvider,
     user_id: str,
     tmp_path: Path,
-    peps_chunks: dict[str, list[str]],
+    corpus_dir: Path,
+    corpus_chunks: dict[str, list[str]],
 ) -> None:
+    total = len(corpus_chunks)
+    half = total // 2
     start_worker(concurrency=24, queues="batch")
     out = tmp_path / "results.jsonl"
-    args = ["summarize", str(PEPS), "--out", str(out), "--user", user_id, "--no-cache"]
+    args = ["summarize", str(corpus_dir), "--out", str(out), "--user", user_id, "--no-cache"]
     args += ["--chunk-tokens", str(CHUNK_TOKENS), "--concurrency", "24"]
 
     # Run 1: the CLI, interrupted (SIGINT, as Ctrl-C) once about half the documents are done.
     with (tmp_path / "run1.txt").open("wb") as log:
         first = cli(*args, stdout=log)
         wait_for(
-            lambda: count_lines(out) >= 350 or first.poll() is not None,
+            lambda: count_lines(out) >= half or first.poll() is not None,
             timeout=240,
-            what="350 documents summarized",
+            what=f"{half} documents summarized",
         )
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=120) == 130, (tmp_path / "run1.txt").read_text()
@@ -209,59 +214,59 @@ def test_703_peps_interrupted_then_resumed(
     assert "\x1b[" not in output  # no progress bar or colours in a file
     after_first = lines(out)  # every line is whole JSON: json.loads would raise otherwise
     finished = {r["id"] for r in after_first}
-    assert 350 <= len(after_first) < 703 and len(finished) == len(after_first)
+    assert half <= len(after_first) < total and len(finished) == len(after_first)
     assert all(r["error"] is None for r in after_first)
     # In-flight documents were drained, not abandoned: every call made is on record.
     requests_first = fake.requests()
-    assert requests_first == sum(calls_for(peps_chunks[i]) for i in finished)
+    assert requests_first == sum(calls_for(corpus_chunks[i]) for i in finished)
     seen_first = len(fake.seen)
 
     # Run 2: the same job again; it skips what run 1 finished.
     report = BatchRun(
-        documents=find_documents([str(PEPS)]),
+        documents=find_documents([str(corpus_dir)]),
         options=BatchOptions(
             user_id=user_id, cache=False, chunk_tokens=CHUNK_TOKENS, concurrency=24
         ),
         out=out,
     ).run()
 
-    rest = set(peps_chunks) - finished
-    assert fake.requests() - requests_first == sum(calls_for(peps_chunks[i]) for i in rest)
-    owner = {chunk: doc for doc, chunks in peps_chunks.items() for chunk in chunks}
+    rest = set(corpus_chunks) - finished
+    assert fake.requests() - requests_first == sum(calls_for(corpus_chunks[i]) for i in rest)
+    owner = {chunk: doc for doc, chunks in corpus_chunks.items() for chunk in chunks}
     resent = {owner.get(s.body["messages"][-1]["content"]) for s in fake.seen[seen_first:]}
     assert not resent & finished, "a document finished in run 1 was summarized again"
 
     # Every document has exactly one line and a summary.
     records = lines(out)
     by_id = {r["id"]: r for r in records}
-    assert len(records) == len(by_id) == 703 and set(by_id) == set(peps_chunks)
+    assert len(records) == len(by_id) == total and set(by_id) == set(corpus_chunks)
     assert all(r["summary"] == fake.text and r["error"] is None for r in records)
     # Documents over the budget were chunked as the chunker says, and reduced once.
-    chunked = {i for i, chunks in peps_chunks.items() if len(chunks) > 1}
-    assert len(chunked) > 100
+    chunked = {i for i, chunks in corpus_chunks.items() if len(chunks) > 1}
+    assert len(chunked) >= 50
     for doc_id, record in by_id.items():
-        chunks = peps_chunks[doc_id]
+        chunks = corpus_chunks[doc_id]
         assert record["chunks"] == len(chunks), doc_id
         assert record["calls"] == calls_for(chunks), doc_id
         assert record["levels"] == (1 if doc_id in chunked else 0), doc_id
         assert record["input_tokens"] == 11 * record["calls"]  # the fake's usage per call
         provider, model = resolved_model(None)
         assert record["hash"] == content_hash(
-            (PEPS / Path(doc_id).name).read_text(), model=model, words=60, provider=provider
+            (corpus_dir / Path(doc_id).name).read_text(), model=model, words=60, provider=provider
         )
     reduces = Counter(
         s.body["messages"][-1]["content"].count(fake.text)
         for s in fake.seen
         if s.body["messages"][0]["content"] == combine_instruction(60)
     )
-    assert reduces == Counter(len(peps_chunks[i]) for i in chunked)
+    assert reduces == Counter(len(corpus_chunks[i]) for i in chunked)
     assert all(SEPARATOR.join([fake.text] * n).count(fake.text) == n for n in reduces)
     # Each document was summarized exactly once over both runs.
     assert fake.requests() == sum(r["calls"] for r in records)
 
     # The report's totals are the sums over the output lines.
-    assert report.documents == 703 and report.failed == 0 and report.not_run == 0
-    assert report.skipped == len(finished) and report.succeeded == 703
+    assert report.documents == total and report.failed == 0 and report.not_run == 0
+    assert report.skipped == len(finished) and report.succeeded == total
     assert report.chunks == sum(r["chunks"] for r in records)
     assert report.input_tokens == sum(r["input_tokens"] for r in records)
     assert report.output_tokens == sum(r["output_tokens"] for r in records)
@@ -277,10 +282,11 @@ def test_killed_producer_loses_no_finished_document(
     redis_server: RedisServer,
     user_id: str,
     tmp_path: Path,
+    corpus_dir: Path,
 ) -> None:
     batch_worker = start_worker(concurrency=16, queues="batch")
     out = tmp_path / "results.jsonl"
-    pattern = str(PEPS / "pep-0[0-2]*.rst")
+    pattern = str(corpus_dir / READMES)
     args = [
         "summarize",
         pattern,
@@ -332,9 +338,13 @@ def test_killed_producer_loses_no_finished_document(
     orphans = rest & earlier
     assert fake.requests() - requests_before == sum(calls_for(chunks[i]) for i in rest - orphans)
     by_id = {r["id"]: r for r in lines(out)}
-    assert len(by_id) == len(lines(out)) == len(documents) == 99
+    assert len(by_id) == len(lines(out)) == len(documents) >= 50
     assert all(r["summary"] == fake.text for r in by_id.values())
-    assert report.skipped == len(finished) and report.documents == 99 and report.failed == 0
+    assert (
+        report.skipped == len(finished)
+        and report.documents == len(documents)
+        and report.failed == 0
+    )
 
 
 def test_interactive_job_is_not_starved_by_a_batch(
@@ -342,13 +352,14 @@ def test_interactive_job_is_not_starved_by_a_batch(
     fake: FakeProvider,
     user_id: str,
     tmp_path: Path,
+    corpus_dir: Path,
     redis_server: RedisServer,
 ) -> None:
     # A small batch worker facing a big backlog, and an interactive worker on `llm` only.
     start_worker(concurrency=4, queues="batch")
     start_worker(concurrency=2, queues="llm")
     out = tmp_path / "batch.jsonl"
-    documents = find_documents([str(PEPS / "pep-0[0-2]*.rst")])
+    documents = find_documents([str(corpus_dir / READMES)])
     run = BatchRun(
         documents=documents,
         options=BatchOptions(user_id=user_id, cache=False, chunk_tokens=1500, concurrency=24),

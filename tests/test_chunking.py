@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import tiktoken
 
+from tests import corpus
 from tests.harness import ROOT
 from worker import tokens
 from worker.chunking import MIN_BUDGET, Chunker, chunk_budget
 from worker.errors import InvalidJobError
 from worker.prices import load_prices
-
-PEPS = ROOT.parent / "shared" / "corpus" / "peps"
 
 
 def exact(text: str) -> int:
@@ -77,13 +81,16 @@ def test_text_without_boundaries_splits_into_token_windows() -> None:
 
 def test_every_chunk_of_real_documents_fits_and_nothing_is_lost() -> None:
     chunker = Chunker.for_model("gpt-4o-mini", budget=700)
-    for path in sorted(PEPS.glob("pep-000*.rst")):
-        text = path.read_text()
+    # Every source and length, and the longest documents with non-ASCII text.
+    documents = [*corpus.sample(16), *corpus.longest(2, non_ascii=True)]
+    assert any(exact(d.text) > 700 * 10 for d in documents)
+    for document in documents:
+        text = document.text
         chunks = chunker.split(text)
         total = exact(text)
-        assert all(exact(chunk) <= 700 for chunk in chunks), path.name
-        assert len(chunks) >= math.ceil(total / 700), path.name
-        assert squashed("".join(chunks)) == squashed(text), path.name
+        assert all(exact(chunk) <= 700 for chunk in chunks), document.name
+        assert len(chunks) >= math.ceil(total / 700), document.name
+        assert squashed("".join(chunks)) == squashed(text), document.name
 
 
 def test_budget_is_the_context_window_minus_prompt_and_output() -> None:
@@ -128,6 +135,27 @@ def test_budget_too_small_is_a_typed_error_with_the_numbers() -> None:
     assert f"at least {MIN_BUDGET}" in message and "Fix:" in message
 
 
-def test_peps_corpus_is_present() -> None:
-    assert PEPS.is_dir(), f"the acceptance corpus is missing: {PEPS}"
-    assert len(list(PEPS.iterdir())) == 703
+def test_generated_corpus_is_varied_and_the_same_on_every_build() -> None:
+    documents = corpus.documents()
+    assert len(documents) >= 300
+    assert {d.name.split("-")[0] for d in documents} == {"stdlib", "topic", "dist"}
+    assert sum(d.non_ascii for d in documents) >= 30
+    assert sum(exact(d.text) > 6000 for d in documents) >= 10
+    assert len({d.name for d in documents}) == len({d.text for d in documents}) == len(documents)
+    # Built afresh in another process, with another hash seed: the same bytes.
+    code = (
+        "import hashlib, json; from tests import corpus; "
+        "print(hashlib.sha256(json.dumps([vars(d) for d in corpus._build()]).encode())"
+        ".hexdigest())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    here = hashlib.sha256(json.dumps([vars(d) for d in documents]).encode()).hexdigest()
+    assert done.stdout.strip() == here

@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.conftest import next_db
 from tests.fakes import FakeProvider
 from tests.harness import Isolated, RedisServer, free_port, wait_for
 from worker.app import configure
@@ -109,7 +110,9 @@ def sentinel_url(
         [str(config), "--sentinel"],
         lambda: _pings(sentinel) and sentinel.sentinel_get_master_addr_by_name("llmq-master"),
     )
-    yield f"sentinel://127.0.0.1:{port}/7;sentinel://127.0.0.1:{free_port()}/7"
+    # A database of its own: a fixed number collided with the `isolated` ones.
+    db = next_db()
+    yield f"sentinel://127.0.0.1:{port}/{db};sentinel://127.0.0.1:{free_port()}/{db}"
     process.terminate()
     process.wait(timeout=10)
 
@@ -136,3 +139,31 @@ def test_job_round_trip(
     result = app.send_task("llm.complete", kwargs={**JOB, "user_id": user_id}).get(timeout=60)
     assert result["text"] == fake.text
     app.close()
+
+
+@pytest.mark.parametrize("scheme", ["tls", "sentinel"])
+def test_start_up_check_reads_the_eviction_policy_through_each_scheme(
+    scheme: str, request: pytest.FixtureRequest, redis_server: RedisServer
+) -> None:
+    from worker.errors import ConfigurationError
+    from worker.redis_checks import check
+
+    url = request.getfixturevalue("tls_url" if scheme == "tls" else "sentinel_url")
+    # The sentinel's master is the session's Redis: with no maxmemory set, the policy
+    # evicts nothing while this test holds it.
+    server = connect(url) if scheme == "tls" else redis_server.client()
+    server.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            check(load_settings(REDIS_URL=url, REDIS_SENTINEL_MASTER="llmq-master"))
+    finally:
+        server.config_set("maxmemory-policy", "noeviction")
+    message = str(raised.value)
+    assert "maxmemory-policy volatile-lru" in message
+    shown = (
+        f"127.0.0.1:{url.split(':')[2].split('/')[0]}"
+        if scheme == "tls"
+        else "sentinel master 'llmq-master' via 127.0.0.1:"
+    )
+    assert f"Redis at {shown}" in message
+    assert "ssl_ca_certs" not in message

@@ -14,25 +14,37 @@ from typing import Any
 import pytest
 
 from producer import submit
+from tests import corpus
 from tests.fakes import FakeProvider
-from tests.harness import ROOT, Worker
+from tests.harness import Worker
 from worker import tokens
 from worker.errors import BudgetExceededError, ContextWindowExceededError
 from worker.guard import NON_OPENAI_MARGIN, CostGuard, count_input_tokens, sliding_window
 from worker.models import Message
 from worker.prices import load_prices
 
-PEPS = ROOT.parent / "shared" / "corpus" / "peps"
+
+def _long_documents() -> tuple[str, str]:
+    """Two long real documents with non-ASCII text, from the generated corpus."""
+    first, second = corpus.longest(2, non_ascii=True)
+    return first.text, second.text
 
 
-def _pep(name: str) -> str:
-    path = PEPS / name
-    if not path.is_file():
-        pytest.skip(f"corpus document {path} is not available")
-    return path.read_text(encoding="utf-8")
+# Case names, known without building the corpus (parametrize needs them at collection).
+CASES = [
+    "one user turn",
+    "system and user",
+    "multi-turn",
+    "unicode",
+    "special-token look-alikes are text",
+    "empty system content",
+    "long document",
+    "two long documents",
+]
 
 
 def _payloads() -> dict[str, list[dict[str, str]]]:
+    long_text, second_text = _long_documents()
     return {
         "one user turn": [{"role": "user", "content": "Hello, world!"}],
         "system and user": [
@@ -57,14 +69,14 @@ def _payloads() -> dict[str, list[dict[str, str]]]:
             {"role": "system", "content": ""},
             {"role": "user", "content": "x"},
         ],
-        "long document (PEP 8)": [
+        "long document": [
             {"role": "system", "content": "Summarize the document in 80 words."},
-            {"role": "user", "content": _pep("pep-0008.rst")},
+            {"role": "user", "content": long_text},
         ],
-        "two long documents (PEP 1, PEP 8)": [
-            {"role": "user", "content": _pep("pep-0001.rst")},
+        "two long documents": [
+            {"role": "user", "content": second_text},
             {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": _pep("pep-0008.rst")},
+            {"role": "user", "content": long_text},
         ],
     }
 
@@ -107,7 +119,7 @@ def _messages(payload: list[dict[str, str]]) -> list[Message]:
 
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4"])
-@pytest.mark.parametrize("case", list(_payloads()))
+@pytest.mark.parametrize("case", CASES)
 def test_openai_input_tokens_exact_against_rendered_chat(case: str, model: str) -> None:
     payload = _payloads()[case]
     expected = _rendered_count(payload, tokens.encoding_name_for(model))
@@ -127,7 +139,8 @@ def test_rendered_chat_check_counts_the_framing() -> None:
 def test_long_document_count_matches_plain_tiktoken() -> None:
     import tiktoken
 
-    text = _pep("pep-0008.rst")
+    text, _ = _long_documents()
+    assert not text.isascii()
     plain = len(tiktoken.get_encoding("o200k_base").encode(text, disallowed_special=()))
     count = tokens.count_messages(_messages([{"role": "user", "content": text}]))
     assert count == plain + len(tiktoken.get_encoding("o200k_base").encode("user")) + 3 + 3
@@ -137,7 +150,7 @@ def test_long_document_count_matches_plain_tiktoken() -> None:
 @pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-sonnet-4-5", "gemini-2.5-flash"])
 def test_non_openai_estimate_adds_the_documented_margin(model: str) -> None:
     prices = load_prices()
-    messages = _messages(_payloads()["long document (PEP 8)"])
+    messages = _messages(_payloads()["long document"])
     o200k = tokens.count_messages(messages, model="gpt-4o")
     counted = count_input_tokens(messages, model=model, price=prices.get(model))
     assert counted == math.ceil(o200k * NON_OPENAI_MARGIN)

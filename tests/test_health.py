@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes import FakeProvider, Fault
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_for
 
 LLMQ = str(Path(ROOT) / ".venv" / "bin" / "llmq")
 JOB = {"messages": [{"role": "user", "content": "Is the fleet healthy?"}]}
@@ -72,3 +72,81 @@ def test_open_circuit_degrades_health(isolated: Any) -> None:
     assert code == 1 and report["status"] == "degraded"
     assert [c["provider"] for c in report["open_circuits"]] == ["openai"]
     assert any(reason.startswith("circuit open") for reason in report["reasons"])
+
+
+def _prices(path: Path, input_usd: float) -> str:
+    """A prices file repricing gpt-4o-mini's input."""
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "gpt-4o-mini": {
+                        "provider": "openai",
+                        "input": input_usd,
+                        "output": 0.60,
+                        "context_window": 128_000,
+                        "max_output_tokens": 16_384,
+                    }
+                }
+            }
+        )
+    )
+    return str(path)
+
+
+FAST_HEARTBEAT = {"LLM_FLEET_HEARTBEAT_SECONDS": "0.5"}
+
+
+def test_workers_with_different_prices_are_a_mixed_fleet(
+    isolated: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    cheap = start_worker(
+        isolated=isolated, concurrency=1, LLM_PRICES_FILE=_prices(tmp_path / "a.json", 0.15)
+    )
+    dear = start_worker(
+        isolated=isolated,
+        concurrency=1,
+        LLM_PRICES_FILE=_prices(tmp_path / "b.json", 15.0),  # 100x: a stale or wrong file
+        **FAST_HEARTBEAT,
+    )
+    code, report = health(isolated.env)
+    assert code == 1 and report["status"] == "degraded"
+    fleet = report["fleet"]
+    assert set(fleet["workers"]) == {cheap.name, dear.name} and fleet["mixed"] is True
+    assert fleet["differing"] == ["prices"]
+    assert sorted(fleet["fingerprints"].values()) == sorted([[cheap.name], [dear.name]])
+    [reason] = [r for r in report["reasons"] if r.startswith("mixed fleet")]
+    assert cheap.name in reason and dear.name in reason and "differing in prices" in reason
+    assert "LLM_PRICES_FILE" in reason
+
+    # A killed worker stops beating and drops out: the fleet is whole again.
+    dear.kill()
+    code, report = wait_for(
+        lambda: (found := health(isolated.env))[0] == 0 and found,
+        timeout=10,
+        what="the killed worker to drop out",
+        interval=0.2,
+    )
+    assert report["status"] == "ok" and list(report["fleet"]["workers"]) == [cheap.name]
+    # A worker that stops cleanly leaves at once.
+    cheap.stop()
+    assert health(isolated.env)[1]["fleet"]["workers"] == {}
+
+
+def test_workers_with_the_same_prices_are_one_fleet(
+    isolated: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    prices = _prices(tmp_path / "prices.json", 0.15)
+    as_toml = tmp_path / "prices.toml"  # the same prices, written differently
+    as_toml.write_text(
+        '[models."gpt-4o-mini"]\nprovider = "openai"\ninput = 0.150\noutput = 0.6\n'
+        "context_window = 128000\nmax_output_tokens = 16384\n"
+    )
+    first = start_worker(isolated=isolated, concurrency=1, LLM_PRICES_FILE=prices)
+    second = start_worker(isolated=isolated, concurrency=1, LLM_PRICES_FILE=str(as_toml))
+    code, report = health(isolated.env)
+    assert code == 0 and report["status"] == "ok", report["reasons"]
+    fleet = report["fleet"]
+    assert fleet["mixed"] is False and fleet["differing"] == []
+    assert list(fleet["fingerprints"].values()) == [sorted([first.name, second.name])]
+    assert fleet["workers"][first.name]["queues"] == ["batch", "llm", "llm.deferred"]

@@ -25,7 +25,7 @@ def ask(text: str) -> list[dict[str, str]]:
 
 
 def test_same_id_same_request_replays_different_request_conflicts(
-    worker: Worker, fake: FakeProvider, user_id: str
+    worker: Worker, fake: FakeProvider, user_id: str, app: Any
 ) -> None:
     request_id = f"req-{uuid.uuid4().hex}"
     first = submit(ask("What is a CRDT?"), user_id, request_id=request_id, cache=False)
@@ -49,7 +49,7 @@ def test_same_id_same_request_replays_different_request_conflicts(
         assert "CRDT" not in str(raised.value) and "B-tree" not in str(raised.value)
         assert other.id != first.id  # the first job's stored result is untouched
     assert fake.requests() == 1
-    assert AsyncResult(first.id).get(timeout=5) == original
+    assert AsyncResult(first.id, app=app).get(timeout=5) == original
 
 
 def test_another_users_request_id_is_not_theirs(
@@ -92,7 +92,7 @@ def test_another_users_request_id_is_not_theirs(
         what="the refused job's record",
     )
     assert fake.requests() == calls
-    assert AsyncResult(a.id).get(timeout=5)["text"] == "Answer for A."
+    assert AsyncResult(a.id, app=app).get(timeout=5)["text"] == "Answer for A."
     again = submit(ask("A's question"), victim, request_id=request_id, cache=False)
     assert again.get(timeout=5)["text"] == "Answer for A."
 

@@ -8,19 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery.result import AsyncResult
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from producer import submit
 from tests.accounting import Charges, charges, user_counters
+from tests.conftest import MakePipeline
 from tests.fakes import FakeProvider, Fault
 from tests.harness import ROOT, Worker, free_port, wait_for
 from worker.cache import ResponseCache, cache_request
-from worker.models import CompletionJob, CompletionResult
+from worker.errors import StateUnavailableError
+from worker.models import CompletionJob
+from worker.pipeline import JobContext
 from worker.prices import load_prices
-from worker.reuse import ResultReuse
 from worker.settings import load_settings
 
 
@@ -235,25 +234,12 @@ def test_job_sent_without_request_id_is_keyed_by_its_task_id(
     assert sent.get(timeout=30)["request_id"] == sent.id
 
 
-def test_redis_errors_do_not_fail_the_job(user_id: str) -> None:
-    settings = load_settings(provider="openai", cache_wait_seconds=0.1)
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    reuse = ResultReuse(settings, load_prices(), client=dead)
-    job = CompletionJob.model_validate(
-        {"messages": question(), "user_id": user_id, "temperature": 0}
-    )
-    with reuse.flight(job, queue_wait_ms=None) as flight:
-        assert flight.reused is None and flight.request is not None
-        flight.record(
-            CompletionResult(
-                request_id=job.request_id,
-                text="answer",
-                provider="openai",
-                model="gpt-4o-mini",
-                finish_reason="stop",
-                input_tokens=1,
-                output_tokens=1,
-                cost_usd=0.0,
-                latency_ms=1.0,
-            )
-        )
+def test_an_unreachable_redis_fails_closed_and_typed(
+    make_pipeline: MakePipeline, fake: FakeProvider, user_id: str
+) -> None:
+    pipeline = make_pipeline(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    job = {"messages": question(), "user_id": user_id, "temperature": 0}
+    with pytest.raises(StateUnavailableError) as raised:
+        pipeline.complete(job, context=JobContext())
+    assert "no provider was called" in str(raised.value)
+    assert fake.requests() == 0

@@ -23,7 +23,7 @@ from worker import tokens
 from worker.errors import BudgetExceededError, DailyBudgetExceededError
 from worker.metering import Charge
 from worker.models import Usage
-from worker.spend import RETENTION_SECONDS, SpendTracker, to_units, to_usd, utc_day
+from worker.spend import COUNTERS, RETENTION_SECONDS, SpendTracker, to_units, to_usd, utc_day
 
 LLMQ = str(Path(sys.executable).with_name("llmq"))
 
@@ -53,7 +53,12 @@ def test_money_is_integer_units_of_1e_10_usd() -> None:
 def test_reserve_settle_and_release(redis_server: RedisServer, user_id: str) -> None:
     tracker = _tracker(redis_server, daily_budget_usd=0.01)
     held = tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.004"))
-    assert tracker.totals()["user"] == {}  # nothing settled yet
+    # Nothing settled yet, but the job in flight is shown with what it holds.
+    in_flight = tracker.totals()
+    assert in_flight["user"] == {
+        user_id: {**dict.fromkeys(COUNTERS, 0), "reserved_units": 40_000_000}
+    }
+    assert in_flight["total"]["reserved_units"] == 40_000_000
     held.settle(_result("0.0012345678"))
     other = tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.003"))
     totals = tracker.totals()
@@ -71,6 +76,18 @@ def test_reserve_settle_and_release(redis_server: RedisServer, user_id: str) -> 
     assert totals["day"] == utc_day()
     other.release()
     assert tracker.totals()["user"][user_id]["reserved_units"] == 0
+
+
+def test_released_or_expired_reservations_of_a_user_with_no_spend_are_not_listed(
+    redis_server: RedisServer, user_id: str
+) -> None:
+    tracker = _tracker(redis_server, reservation_ttl=0)
+    tracker.reserve(user_id=user_id, worst_case_usd=Decimal("0.004"))  # expires at once
+    SpendTracker(redis_server.client(), namespace=tracker.namespace).reserve(
+        user_id="released", worst_case_usd=Decimal("0.001")
+    ).release()
+    totals = tracker.totals()
+    assert totals["user"] == {} and totals["total"]["reserved_units"] == 0
 
 
 def test_over_budget_reservation_states_every_number_and_the_fix(
@@ -231,6 +248,42 @@ def test_failed_job_releases_its_reservation(
     tracker = SpendTracker(redis_server.client())
     assert redis_server.client().hlen(tracker.keys().held(user_id)) == 0
     assert user_id not in tracker.totals()["user"]
+
+
+def _cost_today(*, namespace: str = "llmq") -> dict[str, Any]:
+    done = subprocess.run(
+        [LLMQ, "cost", "--today", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLM_SPEND_NAMESPACE": namespace},
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_cost_today_shows_a_new_users_job_in_flight(
+    worker: Worker, fake: FakeProvider, redis_server: RedisServer, user_id: str
+) -> None:
+    from tests.fakes import Fault
+    from tests.harness import wait_for
+
+    fake.script("openai", Fault(delay=3))  # the call is slow: the reservation is held
+    job = submit([{"role": "user", "content": "hi"}], user_id, cache=False)
+    wait_for(lambda: fake.requests("openai") == 1, timeout=30, what="the call in flight")
+    held = redis_server.client().hvals(SpendTracker(redis_server.client()).keys().held(user_id))
+    [units] = [int(value.split(":")[0]) for value in held]
+
+    # The user has settled nothing yet: before the fix `llmq cost --today` left it out.
+    mine = _cost_today()["user"][user_id]
+    assert mine["reserved_usd"] == float(to_usd(units)) > 0
+    assert mine["requests"] == 0 and mine["cost_usd"] == 0
+
+    result = job.get(timeout=30)
+    mine = _cost_today()["user"][user_id]
+    assert mine["requests"] == 1 and mine["reserved_usd"] == 0
+    assert mine["cost_usd"] == result["cost_usd"]
 
 
 JOBS = 200

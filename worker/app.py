@@ -189,10 +189,12 @@ def _consume_deferred(instance: Any = None, **_: Any) -> None:
 
 def _check_settings(**_: Any) -> None:
     """Fail at start-up, not mid-request, when the configuration cannot work."""
+    from worker import redis_checks
     from worker.tasks import pipeline
 
     try:
         get_settings().check_worker_ready()
+        redis_checks.prepare_worker(get_settings())
         pipeline().warm()
     except Exception as exc:
         from worker.secrets import scrub

@@ -12,76 +12,18 @@ from urllib.parse import urlparse
 import redis
 
 from worker.errors import ProviderError, ProviderRequestError
+from worker.keyspace import CIRCUIT, CIRCUITS, CircuitKeys
 from worker.logs import logger
 from worker.resilience import Admission
+from worker.scripts import Part, Settlement, scripts_for
 from worker.settings import GEMINI_OPENAI_BASE_URL, Settings
 
-PREFIX = "llmq:circuit:"
-INDEX = "llmq:circuits"
+PREFIX = CIRCUIT
+INDEX = CIRCUITS
 # Circuits of endpoints nobody calls any more fade away.
 KEY_TTL_SECONDS = 7 * 86_400
 
 DEFAULT_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
-
-# KEYS: circuit hash, probe lock. ARGV: now, probe ttl (ms), probe token.
-_ADMIT = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 'closed' end
-local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
-if tonumber(ARGV[1]) < open_until then return 'open' end
-if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return 'probe' end
-return 'open'
-"""
-
-# KEYS: circuit hash, probe lock, window counters, index.
-# ARGV: now, result (success|failure|neutral), probe (1|0), failures in a row,
-#       failure rate, min calls, window seconds, cooldown, last error, circuit, key ttl.
-_RECORD = """
-local now = tonumber(ARGV[1])
-local result, probe = ARGV[2], ARGV[3] == '1'
-local cooldown = tonumber(ARGV[8])
-redis.call('SADD', KEYS[4], ARGV[10])
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if result == 'neutral' then
-  if probe then redis.call('DEL', KEYS[2]) end
-  return state
-end
-redis.call('HINCRBY', KEYS[3], 'calls', 1)
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]) * 2)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[11]))
-if result == 'success' then
-  redis.call('HSET', KEYS[1], 'consecutive', 0)
-  if probe and state == 'open' then
-    redis.call('HSET', KEYS[1], 'state', 'closed', 'closed_at', now)
-    redis.call('HDEL', KEYS[1], 'since', 'open_until', 'opens')
-    redis.call('DEL', KEYS[2], KEYS[3])
-    return 'closed'
-  end
-  return state
-end
-redis.call('HINCRBY', KEYS[3], 'failures', 1)
-local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
-redis.call('HSET', KEYS[1], 'last_error', ARGV[9], 'last_failure_at', now)
-if state == 'open' then
-  if probe then
-    redis.call('HSET', KEYS[1], 'open_until', now + cooldown)
-    redis.call('HINCRBY', KEYS[1], 'opens', 1)
-    redis.call('DEL', KEYS[2])
-  end
-  return 'open'
-end
-local calls = tonumber(redis.call('HGET', KEYS[3], 'calls'))
-local failures = tonumber(redis.call('HGET', KEYS[3], 'failures') or '0')
-local by_run = consecutive >= tonumber(ARGV[4])
-local by_rate = calls >= tonumber(ARGV[6]) and failures / calls >= tonumber(ARGV[5])
-if by_run or by_rate then
-  local reason = by_run and (consecutive .. ' failures in a row')
-    or (failures .. ' of ' .. calls .. ' calls failed')
-  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'open_until', now + cooldown,
-    'opens', 1, 'reason', reason)
-  return 'open'
-end
-return 'closed'
-"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,8 +96,7 @@ class CircuitBreaker:
         self.config = config or BreakerConfig()
         self.endpoints = dict(endpoints or {})
         self.clock = clock
-        self._admit = client.register_script(_ADMIT)
-        self._record = client.register_script(_RECORD)
+        self.scripts = scripts_for(client)
         self._token = uuid.uuid4().hex
 
     @classmethod
@@ -173,16 +114,25 @@ class CircuitBreaker:
 
     def admit(self, provider: str) -> Admission:
         """CLOSED (call), PROBE (call: you are the one half-open probe) or OPEN (skip)."""
-        name = self.circuit(provider)
         try:
-            answer = self._admit(
-                keys=[PREFIX + name, PREFIX + name + ":probe"],
-                args=[self.clock(), int(self.config.probe_ttl_seconds * 1000), self._token],
-            )
+            return self.admission(self.scripts.run(self.admit_part(provider)))
         except redis.RedisError as exc:
             logger.warning("circuit breaker unavailable, calling %s anyway: %s", provider, exc)
             return Admission.CLOSED
-        return Admission(answer)
+
+    def admit_part(self, provider: str) -> Part:
+        """The script part that asks the provider's circuit (and may take the probe)."""
+        keys = CircuitKeys(name=self.circuit(provider))
+        return Part(
+            "breaker_admit",
+            [keys.state, keys.probe],
+            [self.clock(), int(self.config.probe_ttl_seconds * 1000), self._token],
+        )
+
+    @staticmethod
+    def admission(reply: Any) -> Admission:
+        """The reply of an `admit_part`."""
+        return Admission(reply.decode() if isinstance(reply, bytes) else reply)
 
     def is_open(self, provider: str) -> bool:
         """Whether the circuit is open right now (cool-down not over)."""
@@ -197,38 +147,43 @@ class CircuitBreaker:
         self, provider: str, *, error: ProviderError | None, probe: bool, neutral: bool = False
     ) -> None:
         """Count one call's result; may open or close the circuit."""
-        name = self.circuit(provider)
-        now = self.clock()
-        config = self.config
-        bucket = int(now // config.window_seconds)
         try:
-            new_state = self._record(
-                keys=[
-                    PREFIX + name,
-                    PREFIX + name + ":probe",
-                    f"{PREFIX}{name}:window:{bucket}",
-                    INDEX,
-                ],
-                args=[
-                    now,
-                    "neutral" if neutral else counts_against(error),
-                    1 if probe else 0,
-                    config.failures,
-                    config.failure_rate,
-                    config.min_calls,
-                    config.window_seconds,
-                    config.cooldown_seconds,
-                    # Already free of secrets: every llmq error's message is scrubbed.
-                    str(error)[:300] if error else "",
-                    name,
-                    KEY_TTL_SECONDS,
-                ],
+            new_state = self.scripts.run(
+                self.record_part(provider, error=error, probe=probe, neutral=neutral)
             )
         except redis.RedisError as exc:
             logger.warning("circuit breaker unavailable, %s not recorded: %s", provider, exc)
             return
-        if probe:
+        if probe and not neutral:
+            name = self.circuit(provider)
             logger.warning("circuit %s probe %s: now %s", name, counts_against(error), new_state)
+
+    def record_part(
+        self, provider: str, *, error: ProviderError | None, probe: bool, neutral: bool = False
+    ) -> Part:
+        """The script part that counts one call against the provider's circuit."""
+        name = self.circuit(provider)
+        now = self.clock()
+        config = self.config
+        keys = CircuitKeys(name=name)
+        return Part(
+            "breaker_record",
+            [keys.state, keys.probe, keys.window(int(now // config.window_seconds)), INDEX],
+            [
+                now,
+                "neutral" if neutral else counts_against(error),
+                1 if probe else 0,
+                config.failures,
+                config.failure_rate,
+                config.min_calls,
+                config.window_seconds,
+                config.cooldown_seconds,
+                # Already free of secrets: every llmq error's message is scrubbed.
+                str(error)[:300] if error else "",
+                name,
+                KEY_TTL_SECONDS,
+            ],
+        )
 
     def state(self, provider: str) -> dict[str, Any] | None:
         """The circuit's state as `open_circuits` shows it, or None if it never failed."""
@@ -275,3 +230,39 @@ def open_circuits(client: redis.Redis) -> list[dict[str, Any]]:
         elif described["state"] != "closed":
             found.append(described)
     return found
+
+
+class DeferredGate:
+    """The breaker as one job sees it: its first admission known, successes written last.
+
+    The job's admission script already asked the first provider's circuit, and a
+    success changes nothing that other workers must see at once, so it travels with
+    the job's settlement; failures and probes are recorded when they happen.
+    """
+
+    def __init__(
+        self, breaker: CircuitBreaker, settlement: Settlement, known: dict[str, Admission]
+    ) -> None:
+        self.breaker = breaker
+        self.settlement = settlement
+        self.known = dict(known)
+
+    def admit(self, provider: str) -> Admission:
+        """The admission the job's script found, once; then the breaker's own."""
+        known = self.known.pop(provider, None)
+        return known if known is not None else self.breaker.admit(provider)
+
+    def is_open(self, provider: str) -> bool:
+        """Whether the provider's circuit is open now."""
+        return self.breaker.is_open(provider)
+
+    def record(self, provider: str, *, error: ProviderError | None, probe: bool) -> None:
+        """Defer a plain success; record anything else now."""
+        if error is None and not probe:
+            self.settlement.defer(self.breaker.record_part(provider, error=None, probe=False))
+        else:
+            self.breaker.record(provider, error=error, probe=probe)
+
+    def abandon_probe(self, provider: str) -> None:
+        """Give back a half-open probe that was never sent."""
+        self.breaker.abandon_probe(provider)

@@ -10,11 +10,13 @@ from typing import Any
 
 import redis
 
+from worker.keyspace import CACHE, CacheKeys
 from worker.models import CompletionJob, CompletionResult
 from worker.prices import PriceTable
+from worker.scripts import Part, scripts_for
 from worker.settings import CACHE_VERSION_PATTERN, Settings
 
-PREFIX = "llmq:cache"
+PREFIX = CACHE
 
 # Job fields that never change the answer; every other field is part of the key, so a
 # sampling option added to CompletionJob later can only split the cache, never collide.
@@ -125,10 +127,18 @@ class CacheStats:
 class ResponseCache:
     """Complete answers under `llmq:cache:<version>:entry:<sha256>`, with hit statistics."""
 
-    def __init__(self, client: redis.Redis, *, version: str, ttl: int) -> None:
-        self.redis = client
+    def __init__(self, client: redis.Redis | None = None, *, version: str, ttl: int) -> None:
+        self._client = client
         self.version = version
         self.ttl = ttl
+        self.keys = CacheKeys(version=version)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The client for reads and writes outside the pipeline's scripts."""
+        if self._client is None:
+            raise RuntimeError("this ResponseCache has no Redis client; build it with one")
+        return self._client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResponseCache:
@@ -139,41 +149,56 @@ class ResponseCache:
 
     def entry_key(self, request: CacheRequest) -> str:
         """The Redis key of the answer to `request`."""
-        return f"{PREFIX}:{self.version}:entry:{request.digest}"
+        return self.keys.entry(request.digest)
 
     def lock_key(self, request: CacheRequest) -> str:
-        """The single-flight lock of `request`."""
-        return f"{PREFIX}:{self.version}:lock:{request.digest}"
+        """The single-flight lease of `request`."""
+        return self.keys.lease(request.digest)
+
+    @property
+    def stats_key(self) -> str:
+        """Hits, misses and saved USD of this version."""
+        return self.keys.stats
 
     def _stats_key(self, version: str) -> str:
-        return f"{PREFIX}:{version}:stats"
+        return CacheKeys(version=version).stats
+
+    def storable_for(self, request: CacheRequest, result: CompletionResult) -> bool:
+        """Whether `result` may answer `request` again: complete, and from the model it names."""
+        return storable(result) and (result.provider, result.model) == (
+            request.provider,
+            request.model,
+        )
 
     def get(self, request: CacheRequest) -> CompletionResult | None:
         """The stored answer, or None; does not count as a hit or miss."""
         raw = self.redis.get(self.entry_key(request))
         return CompletionResult.model_validate_json(raw) if isinstance(raw, str) else None
 
+    def lookup(self, request: CacheRequest) -> CompletionResult | None:
+        """The stored answer, counted as a hit, in one round trip; None (uncounted) if absent."""
+        reply = scripts_for(self.redis).run(
+            Part("cache_lookup", [self.entry_key(request), self.stats_key])
+        )
+        return CompletionResult.model_validate_json(reply[0]) if reply else None
+
     def put(self, request: CacheRequest, result: CompletionResult) -> bool:
         """Store `result` if it is complete and came from the model the key names (no fallback)."""
-        if not storable(result) or (result.provider, result.model) != (
-            request.provider,
-            request.model,
-        ):
+        if not self.storable_for(request, result):
             return False
         self.redis.set(self.entry_key(request), result.model_dump_json(), ex=self.ttl)
         return True
 
     def record_hit(self, saved_usd: float) -> None:
         """Count a lookup answered from the cache and the provider cost it avoided."""
-        key = self._stats_key(self.version)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, "hits", 1)
-            pipe.hincrbyfloat(key, "saved_usd", saved_usd)
+            pipe.hincrby(self.stats_key, "hits", 1)
+            pipe.hincrbyfloat(self.stats_key, "saved_usd", saved_usd)
             pipe.execute()
 
     def record_miss(self) -> None:
         """Count a lookup that had to call the provider."""
-        self.redis.hincrby(self._stats_key(self.version), "misses", 1)
+        self.redis.hincrby(self.stats_key, "misses", 1)
 
     def stats(self, version: str | None = None) -> CacheStats:
         """Entries, bytes and counters of `version`, or of every version when None."""

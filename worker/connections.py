@@ -7,10 +7,13 @@ from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from worker.settings import Settings
 
+CLIENT_NAME = "llmq"
 _clients: dict[tuple[str, str], redis.Redis] = {}
 _lock = threading.Lock()
 
@@ -36,7 +39,11 @@ def pool_size(settings: Settings) -> int:
 
 
 def connect(
-    url: str, *, sentinel_master: str = "mymaster", max_connections: int = 100
+    url: str,
+    *,
+    sentinel_master: str = "mymaster",
+    max_connections: int = 100,
+    timeout: float | None = None,
 ) -> redis.Redis:
     """A new client for `url`; sentinel URLs list hosts separated by ';' as kombu does."""
     options: dict[str, Any] = {
@@ -44,7 +51,17 @@ def connect(
         "socket_keepalive": True,
         "retry_on_timeout": True,
         "max_connections": max_connections,
+        # CLIENT LIST (and the round-trip test) tell llmq's connections from Celery's.
+        "client_name": CLIENT_NAME,
     }
+    if timeout is not None:
+        # A one-off check (the start-up checks) must not hang on an unreachable server:
+        # bound connecting and each reply, and retry once instead of redis-py's three times.
+        options.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, decode_responses=True, **options)
     hosts: list[tuple[str, int]] = []
@@ -56,7 +73,9 @@ def connect(
         password = unquote(parsed.password) if parsed.password else password
         if parsed.path.strip("/").isdigit():
             db = int(parsed.path.strip("/"))
-    sentinel = Sentinel(hosts, socket_timeout=5, password=password)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts, socket_timeout=timeout or 5, password=password
+    )
     master = sentinel.master_for(  # type: ignore[no-untyped-call]
         sentinel_master, db=db, password=password, decode_responses=True, **options
     )

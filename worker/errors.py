@@ -91,6 +91,10 @@ class DocumentTooLargeError(InvalidJobError):
     """A batch document needs more than the limits in force allow; nothing was called."""
 
 
+class StateUnavailableError(LLMQError):
+    """Redis, where budgets, limits and results live, could not be reached; nothing was called."""
+
+
 class UnexpectedError(LLMQError):
     """llmq hit an error it does not expect; the message names its type, never its text."""
 

@@ -1,4 +1,4 @@
-"""Fleet health: latency percentiles, open circuits and queue lengths, from Redis."""
+"""Fleet health: latency percentiles, open circuits, queue lengths and fingerprints, from Redis."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import redis
 
+from worker import fleet
 from worker.app import BATCH_QUEUE, QUEUE
 from worker.breaker import open_circuits
 from worker.connections import connect, redis_client
@@ -44,6 +45,9 @@ def report(settings: Settings) -> dict[str, Any]:
             f"{settings.p95_alert_ms:.0f}"
         )
     reasons.extend(f"circuit {c['state']}: {c['circuit']}" for c in circuits)
+    workers = fleet.report(client)
+    if workers["mixed"]:
+        reasons.append(fleet.mixed_reason(workers))
     broker = client if settings.broker == settings.redis_url else connect(settings.broker)
     return {
         "status": "degraded" if reasons else "ok",
@@ -53,4 +57,5 @@ def report(settings: Settings) -> dict[str, Any]:
         "latency_ms": latency,
         "open_circuits": circuits,
         "queues": queue_lengths(broker, (QUEUE, BATCH_QUEUE, settings.deferred_queue)),
+        "fleet": workers,
     }

@@ -29,145 +29,23 @@ import redis
 
 from worker.connections import redis_client
 from worker.errors import RateLimitedError
+from worker.keyspace import limit_keys
+from worker.scripts import Part, Scripts, scripts_for
 from worker.settings import PROVIDERS, Settings
 
 Unit = Literal["tokens", "requests"]
-
-# KEYS: per limit, its log (zset: reservation id -> Redis time in microseconds) and its
-#       amounts (hash: reservation id -> amount, '~total' of those, '~seq' decisions).
-# ARGV: the reservation id, then per limit: limit, window (microseconds), amount.
-# Returns {admitted, now_us, binding limit index or 0, wait_us or -1 for never,
-#          usage before the decision per limit..., decision sequence number per limit...}.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local id = ARGV[1]
-local n = #KEYS / 2
-local used, seqs = {}, {}
-local binding, binding_wait = 0, -2
-for i = 1, n do
-  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
-  local limit = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local amount = tonumber(ARGV[3 * i + 1])
-  while true do
-    local expired = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
-    if #expired == 0 then break end
-    local freed = 0
-    for _, v in ipairs(redis.call('HMGET', amounts, unpack(expired))) do
-      freed = freed + (tonumber(v) or 0)
-    end
-    redis.call('ZREM', log, unpack(expired))
-    redis.call('HDEL', amounts, unpack(expired))
-    redis.call('HINCRBY', amounts, '~total', -freed)
-  end
-  used[i] = tonumber(redis.call('HGET', amounts, '~total') or '0')
-  seqs[i] = redis.call('HINCRBY', amounts, '~seq', 1)
-  local ttl = math.ceil(window / 1000) + 1000
-  redis.call('PEXPIRE', log, ttl)
-  redis.call('PEXPIRE', amounts, ttl)
-  if used[i] + amount > limit then
-    local wait = -1
-    if amount <= limit then
-      -- The oldest reservations leave the window first: wait until enough have left.
-      local need, freed, offset = used[i] + amount - limit, 0, 0
-      wait = window
-      while true do
-        local page = redis.call('ZRANGE', log, offset, offset + 499, 'WITHSCORES')
-        if #page == 0 then break end
-        local done = false
-        for j = 1, #page, 2 do
-          freed = freed + (tonumber(redis.call('HGET', amounts, page[j])) or 0)
-          if freed >= need then
-            wait = tonumber(page[j + 1]) + window - now
-            done = true
-            break
-          end
-        end
-        if done then break end
-        offset = offset + 500
-      end
-    end
-    -- Report the limit that frees up last; -1 (never) is the latest of all.
-    if binding == 0 or (binding_wait ~= -1 and (wait == -1 or wait > binding_wait)) then
-      binding, binding_wait = i, wait
-    end
-  end
-end
-local reply = {binding == 0 and 1 or 0, now, binding, binding_wait}
-if binding == 0 then
-  for i = 1, n do
-    local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
-    local amount = tonumber(ARGV[3 * i + 1])
-    redis.call('ZADD', log, now, id)
-    redis.call('HSET', amounts, id, amount)
-    redis.call('HINCRBY', amounts, '~total', amount)
-  end
-end
-for i = 1, n do reply[#reply + 1] = used[i] end
-for i = 1, n do reply[#reply + 1] = seqs[i] end
-return reply
-"""
-
-# KEYS: per limit, log and amounts. ARGV: the reservation id, then per limit the new
-# amount: an integer, '' to keep it, or 'x' to remove the reservation.
-# A reservation that already left its window (or whose keys expired) is not touched.
-_SETTLE = """
-local id = ARGV[1]
-for i = 1, #KEYS / 2 do
-  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
-  local new = ARGV[i + 1]
-  if new ~= '' and redis.call('ZSCORE', log, id) then
-    local old = tonumber(redis.call('HGET', amounts, id) or '0')
-    if new == 'x' then
-      redis.call('ZREM', log, id)
-      redis.call('HDEL', amounts, id)
-      redis.call('HINCRBY', amounts, '~total', -old)
-    else
-      redis.call('HSET', amounts, id, tonumber(new))
-      redis.call('HINCRBY', amounts, '~total', tonumber(new) - old)
-    end
-  end
-end
-return 1
-"""
-
-# KEYS: per limit, log and amounts. ARGV: per limit its window (microseconds).
-# Returns {now_us, then per limit: usage in the window, microseconds until the oldest
-#          entry leaves it (0 when empty)}. Read-only.
-_USAGE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local reply = {now}
-for i = 1, #KEYS / 2 do
-  local log, amounts = KEYS[2 * i - 1], KEYS[2 * i]
-  local window = tonumber(ARGV[i])
-  local used, offset, oldest = 0, 0, 0
-  while true do
-    local page = redis.call('ZRANGEBYSCORE', log, '(' .. (now - window), '+inf',
-                            'WITHSCORES', 'LIMIT', offset, 500)
-    if #page == 0 then break end
-    if offset == 0 then oldest = tonumber(page[2]) + window - now end
-    for j = 1, #page, 2 do
-      used = used + (tonumber(redis.call('HGET', amounts, page[j])) or 0)
-    end
-    offset = offset + 500
-  end
-  reply[#reply + 1] = used
-  reply[#reply + 1] = oldest
-end
-return reply
-"""
 
 _US = 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
 class Limit:
-    """One limit: at most `limit` units per rolling `window` seconds, on one Redis key."""
+    """One limit: at most `limit` units per rolling `window` seconds."""
 
     name: str
-    key: str
+    # LLM_RATE_LIMIT_PREFIX, and what it counts: "user:<id>:tokens", "provider:openai:requests"
+    prefix: str
+    scope: str
     limit: int
     window: float
     unit: Unit
@@ -176,7 +54,7 @@ class Limit:
     @property
     def redis_keys(self) -> tuple[str, str]:
         """The reservation log (sorted set) and the amounts (hash)."""
-        return f"{self.key}:log", f"{self.key}:amounts"
+        return limit_keys(self.prefix, self.scope)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,7 +155,6 @@ class RateLimiter:
     def __init__(self, settings: Settings, *, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self._client = client
-        self._scripts: dict[str, Any] = {}
 
     @property
     def client(self) -> redis.Redis:
@@ -286,11 +163,10 @@ class RateLimiter:
             self._client = redis_client(self.settings)
         return self._client
 
-    def _script(self, source: str) -> Any:
-        # register_script sends EVALSHA and falls back to EVAL after a Redis restart.
-        if source not in self._scripts:
-            self._scripts[source] = self.client.register_script(source)
-        return self._scripts[source]
+    @property
+    def scripts(self) -> Scripts:
+        """The Lua scripts on this limiter's Redis."""
+        return scripts_for(self.client)
 
     def user_limits(self, user_id: str) -> list[Limit]:
         """The per-user limits in force for `user_id` (LLM_USER_LIMITS overrides first)."""
@@ -303,13 +179,14 @@ class RateLimiter:
             if override.requests_per_minute is not None:
                 requests = override.requests_per_minute
         setting = "LLM_USER_LIMITS" if override is not None else None
-        base = f"{s.rate_limit_prefix}:user:{user_id}"
+        base = f"user:{user_id}"
         found: list[Limit] = []
         if tokens:
             found.append(
                 Limit(
                     name="user_tokens",
-                    key=f"{base}:tokens",
+                    prefix=s.rate_limit_prefix,
+                    scope=f"{base}:tokens",
                     limit=tokens,
                     window=s.user_token_window_seconds,
                     unit="tokens",
@@ -320,7 +197,8 @@ class RateLimiter:
             found.append(
                 Limit(
                     name="user_requests",
-                    key=f"{base}:requests",
+                    prefix=s.rate_limit_prefix,
+                    scope=f"{base}:requests",
                     limit=requests,
                     window=s.user_request_window_seconds,
                     unit="requests",
@@ -348,7 +226,8 @@ class RateLimiter:
                     found.append(
                         Limit(
                             name=f"{kind}_{'rpm' if unit == 'requests' else 'tpm'}:{target}",
-                            key=f"{s.rate_limit_prefix}:{kind}:{target}:{unit}",
+                            prefix=s.rate_limit_prefix,
+                            scope=f"{kind}:{target}:{unit}",
                             limit=value,
                             window=s.provider_window_seconds,
                             unit=unit,
@@ -367,15 +246,25 @@ class RateLimiter:
             return LimitDecision(
                 admitted=True, checks=[], binding=None, retry_after=None, redis_time=0.0
             )
+        part = self.reserve_part(limits, tokens=tokens, reservation_id=reservation_id)
+        return self.decision(self.scripts.run(part), limits, tokens=tokens)
+
+    def reserve_part(self, limits: Sequence[Limit], *, tokens: int, reservation_id: str) -> Part:
+        """The script part that checks and reserves `tokens` and one request in every limit."""
         keys: list[str] = []
         args: list[Any] = [reservation_id]
-        amounts = [tokens if limit.unit == "tokens" else 1 for limit in limits]
-        for limit, amount in zip(limits, amounts, strict=True):
+        for limit in limits:
             keys.extend(limit.redis_keys)
+            amount = tokens if limit.unit == "tokens" else 1
             args.extend([limit.limit, math.ceil(limit.window * _US), amount])
-        reply = [int(v) for v in self._script(_RESERVE)(keys=keys, args=args)]
+        return Part("limits_reserve", keys, args)
+
+    def decision(self, raw: Any, limits: Sequence[Limit], *, tokens: int) -> LimitDecision:
+        """The reply of a `reserve_part` as a LimitDecision."""
+        reply = [int(v) for v in raw]
         admitted, now_us, binding, wait_us = reply[:4]
         n = len(limits)
+        amounts = [tokens if limit.unit == "tokens" else 1 for limit in limits]
         checks = [
             LimitCheck(limit=limit, usage=used, requested=amount, seq=seq)
             for limit, amount, used, seq in zip(
@@ -429,10 +318,13 @@ class RateLimiter:
 
     def adjust(self, limits: Sequence[Limit], reservation_id: str, amounts: list[str]) -> None:
         """Set (or with 'x' remove, with '' keep) a reservation's amount in each limit."""
-        if not limits:
-            return
+        if limits:
+            self.scripts.run(self.adjust_part(limits, reservation_id, amounts))
+
+    def adjust_part(self, limits: Sequence[Limit], reservation_id: str, amounts: list[str]) -> Part:
+        """The script part that sets a reservation's amount in each limit."""
         keys = [key for limit in limits for key in limit.redis_keys]
-        self._script(_SETTLE)(keys=keys, args=[reservation_id, *amounts])
+        return Part("limits_adjust", keys, [reservation_id, *amounts])
 
     def usage(self, limits: Sequence[Limit]) -> list[LimitUsage]:
         """Each limit's usage in its window now, on Redis time."""
@@ -440,7 +332,7 @@ class RateLimiter:
             return []
         keys = [key for limit in limits for key in limit.redis_keys]
         windows = [math.ceil(limit.window * _US) for limit in limits]
-        reply = [int(v) for v in self._script(_USAGE)(keys=keys, args=windows)]
+        reply = [int(v) for v in self.scripts.run(Part("limits_usage", keys, windows))]
         return [
             LimitUsage(limit=limit, usage=reply[1 + 2 * i], resets_in=reply[2 + 2 * i] / _US)
             for i, limit in enumerate(limits)
@@ -459,7 +351,11 @@ class LimitReservation:
 
     def settle(self, *, tokens: int) -> None:
         """The attempt was answered: its tokens become what it used; requests stay counted."""
-        self.limiter.adjust(
+        self.limiter.scripts.run(self.settle_part(tokens=tokens))
+
+    def settle_part(self, *, tokens: int) -> Part:
+        """The script part of `settle`."""
+        return self.limiter.adjust_part(
             self.limits,
             self.reservation_id,
             ["" if limit.unit == "requests" else str(tokens) for limit in self.limits],

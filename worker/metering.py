@@ -34,8 +34,9 @@ from worker.errors import (
     RateLimitedError,
 )
 from worker.guard import Estimate
-from worker.limits import LimitReservation, RateLimiter
+from worker.limits import Limit, LimitReservation, RateLimiter
 from worker.models import Completion, Usage
+from worker.scripts import Part, Settlement
 from worker.spend import BudgetReservation, SpendTracker
 
 ChargedAs = Literal["usage", "worst_case"]
@@ -64,6 +65,16 @@ class Ticket:
     settled: bool = False
 
 
+@dataclass(kw_only=True)
+class Prepared:
+    """An attempt's admission, to run inside the job's admission script."""
+
+    ticket: Ticket
+    parts: list[Part]
+    limits: list[Limit]
+    tokens: int
+
+
 class AdmissionRejected(Exception):
     """The budget or a rate limit refused an attempt; `error` says which and why."""
 
@@ -89,15 +100,75 @@ class Meter:
     request_id: str
     # The job's `llm_job` record: the latest rate-limit decision goes here.
     record: dict[str, Any] = field(default_factory=dict)
+    # When set, answers' charges are written with the job's one settle script.
+    settlement: Settlement | None = None
     charges: list[Charge] = field(default_factory=list)
     _tickets: list[Ticket] = field(default_factory=list)
+    # The first attempt, admitted with the job (or refused) before the chain runs.
+    _first: Ticket | AdmissionRejected | None = None
+
+    def prepare(self, provider: str, estimate: Estimate) -> Prepared:
+        """The first attempt's budget and limit parts, for the job's admission script."""
+        free = _free(estimate)
+        budget = None
+        parts: list[Part] = []
+        if not free:
+            part, budget = self.spend.reserve_part(
+                user_id=self.user_id, worst_case_usd=estimate.cost_usd
+            )
+            parts.append(part)
+        limits = self.limiter.attempt_limits(
+            user_id=self.user_id,
+            provider=provider,
+            model=estimate.model,
+            first=True,
+            metered=not free,
+        )
+        tokens = estimate.input_tokens + estimate.max_output_tokens
+        reservation = None
+        if limits:
+            reservation = LimitReservation(
+                self.limiter, limits, reservation_id=f"{self.request_id}:{uuid.uuid4().hex[:12]}"
+            )
+            parts.append(
+                self.limiter.reserve_part(
+                    limits, tokens=tokens, reservation_id=reservation.reservation_id
+                )
+            )
+        ticket = Ticket(provider=provider, estimate=estimate, budget=budget, limits=reservation)
+        return Prepared(ticket=ticket, parts=parts, limits=limits, tokens=tokens)
+
+    def accept(self, prepared: Prepared, replies: list[Any]) -> None:
+        """Read the admission's replies to the prepared parts: admitted, or refused (kept)."""
+        ticket = prepared.ticket
+        replies = list(replies)
+        if ticket.budget is not None:
+            try:
+                self.spend.reserved(replies.pop(0), ticket.budget)
+            except DailyBudgetExceededError as exc:
+                self._first = AdmissionRejected(exc)
+                return
+        if ticket.limits is not None and replies:
+            decision = self.limiter.decision(
+                replies.pop(0), prepared.limits, tokens=prepared.tokens
+            )
+            self.record["rate_limit"] = decision.log_fields()
+            if not decision.admitted:
+                self._first = AdmissionRejected(decision.error(user_id=self.user_id))
+                return
+        self._tickets.append(ticket)
+        self._first = ticket
 
     def admit(self, provider: str, estimate: Estimate) -> Ticket:
         """Reserve one attempt's worst case in the budget and in every limit it must pass."""
-        price = estimate.price
+        first, self._first = self._first, None
+        if isinstance(first, AdmissionRejected) and not self._tickets:
+            raise first
+        if isinstance(first, Ticket) and first.provider == provider and first.estimate is estimate:
+            return first
         # Budgets and token allowances guard spend: a call priced at $0 (the offline
         # extractive provider, a local model priced 0) is not metered against them.
-        free = price.input == 0 and price.output == 0
+        free = _free(estimate)
         budget = None
         if not free:
             try:
@@ -163,10 +234,22 @@ class Meter:
             cost_usd=cost,
             charged_as=charged_as,
         )
-        if ticket.budget is not None:
-            ticket.budget.settle(charge)
-        if ticket.limits is not None:
-            _quietly(ticket.limits.settle, tokens=usage.input_tokens + usage.output_tokens)
+        tokens = usage.input_tokens + usage.output_tokens
+        if self.settlement is not None and charged_as == "usage":
+            # Written with the job's settlement (or flushed if the job ends otherwise).
+            if ticket.budget is not None:
+                reservation = ticket.budget
+                self.settlement.defer(
+                    self.spend.settle_part(reservation, charge),
+                    lambda reply: self.spend.settled(reply, reservation),
+                )
+            if ticket.limits is not None:
+                self.settlement.defer(ticket.limits.settle_part(tokens=tokens))
+        else:
+            if ticket.budget is not None:
+                ticket.budget.settle(charge)
+            if ticket.limits is not None:
+                _quietly(ticket.limits.settle, tokens=tokens)
         self.charges.append(charge)
         return charge
 
@@ -194,6 +277,11 @@ class Meter:
     def charged_as(self) -> ChargedAs:
         """ "worst_case" when any answer was charged at its reservation."""
         return "worst_case" if any(c.charged_as == "worst_case" for c in self.charges) else "usage"
+
+
+def _free(estimate: Estimate) -> bool:
+    """Priced at $0: not metered against budgets and token allowances."""
+    return estimate.price.input == 0 and estimate.price.output == 0
 
 
 def _quietly(settle: Callable[..., None], **arguments: Any) -> None:

@@ -13,8 +13,11 @@ from dataclasses import asdict, dataclass
 
 import redis
 
+from worker.keyspace import LATENCY
+from worker.scripts import Part, scripts_for
+
 METRICS = ("queue_wait_ms", "provider_latency_ms", "total_latency_ms")
-PREFIX = "llmq:latency:"
+PREFIX = LATENCY
 # Bounds memory whatever the traffic: older samples beyond this are trimmed.
 MAX_SAMPLES = 100_000
 
@@ -63,17 +66,24 @@ class LatencyRecorder:
 
     def record(self, **samples: float | None) -> None:
         """Add one sample per metric given (None values are skipped), in one round trip."""
-        now = self._now()
-        pipe = self.client.pipeline(transaction=False)
-        for metric, value in samples.items():
-            if value is None:
-                continue
-            key = PREFIX + metric
-            # Members must be unique or equal latencies would overwrite each other.
-            pipe.zadd(key, {f"{value:.3f}:{uuid.uuid4().hex[:12]}": now})
-            pipe.zremrangebyscore(key, "-inf", now - self.window_seconds)
-            pipe.zremrangebyrank(key, 0, -MAX_SAMPLES - 1)
-        pipe.execute()
+        scripts_for(self.client).run(self.record_part(**samples))
+
+    def record_part(self, **samples: float | None) -> Part:
+        """The script part that adds the samples, stamped with Redis time."""
+        unknown = set(samples) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown latency metrics: {sorted(unknown)}")
+        values = [samples.get(metric) for metric in METRICS]
+        return Part(
+            "latency_record",
+            [PREFIX + metric for metric in METRICS],
+            [
+                self.window_seconds,
+                MAX_SAMPLES,
+                uuid.uuid4().hex[:12],
+                *("" if value is None else f"{value:.3f}" for value in values),
+            ],
+        )
 
     def values(self, metric: str) -> list[float]:
         """Samples of `metric` within the window."""

@@ -11,9 +11,15 @@ import redis
 from pydantic import ValidationError
 
 from worker import logs, tokens
-from worker.breaker import CircuitBreaker
+from worker.breaker import CircuitBreaker, DeferredGate
 from worker.connections import redis_client
-from worker.errors import InvalidJobError, LLMQError, TruncatedResponseError, UnexpectedError
+from worker.errors import (
+    InvalidJobError,
+    LLMQError,
+    StateUnavailableError,
+    TruncatedResponseError,
+    UnexpectedError,
+)
 from worker.guard import CostGuard, Estimate
 from worker.limits import RateLimiter
 from worker.metering import Meter
@@ -21,8 +27,9 @@ from worker.metrics import LatencyRecorder
 from worker.models import CompletionJob, CompletionResult, Usage
 from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
-from worker.resilience import Attempt, Outcome, RetryPolicy, Target, call_chain
-from worker.reuse import ResultReuse, Reused
+from worker.resilience import Admission, Attempt, Gate, Outcome, RetryPolicy, Target, call_chain
+from worker.reuse import Flight, ResultReuse, Reused
+from worker.scripts import Settlement, scripts_for
 from worker.settings import ProviderName, Settings, TruncationPolicy
 from worker.spend import SpendTracker
 from worker.truncation import TruncationHandler
@@ -100,6 +107,7 @@ class Pipeline:
             redis_client(settings), window_seconds=settings.metrics_window_seconds
         )
         self.reuse = ResultReuse(settings, self.prices)
+        self.scripts = scripts_for(redis_client(settings))
         self.spend = SpendTracker.from_settings(settings)
         self.limiter = RateLimiter(settings)
         self.retry_policy = RetryPolicy.from_settings(settings)
@@ -117,32 +125,44 @@ class Pipeline:
         """Run one job through every step and return its result."""
         started = time.perf_counter()
         job = validate(raw, context=context)  # 1. validate
-        meter = self.meter(job, context)
+        settlement = Settlement()
+        meter = self.meter(job, context, settlement)
+        flight: Flight | None = None
+        reused: Reused | None = None
         try:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
-            # 4. the request_id's stored result, or a cache hit: no call, nothing reserved.
-            with self.reuse.flight(
-                job, queue_wait_ms=context.queue_wait_ms, task_id=context.task_id
-            ) as flight:
-                reused = flight.reused
-                if reused is None:
-                    # 2-3, 5. each attempt admitted by the daily budget and the rate limits
-                    # of its provider, then charged for what the provider answered.
-                    try:
-                        outcome = self.call(plan, context, meter)
-                        # 5b. finish_reason "length": fail, retry larger or accept
-                        outcome = self.enforce_truncation(plan, context, outcome, meter)
-                    finally:
-                        meter.close()
-                    result = self.result(plan, outcome, meter, context, started)
-                    flight.record(result)
-                else:
-                    result = reused.result
+            flight = self.reuse.flight(job, task_id=context.task_id)
+            # 4, 2-3. One round trip: the request_id's stored result or a cache hit (no
+            # call, nothing reserved), or the leases, the first provider's circuit, the
+            # daily budget and the rate limits for the first attempt.
+            try:
+                reused, circuit = self.admit(plan, flight, meter, context, started=started)
+            except redis.RedisError as exc:
+                # Fail closed: without Redis no budget or limit can be checked.
+                raise StateUnavailableError(
+                    f"llmq's Redis is unreachable ({type(exc).__name__}): budgets, rate "
+                    "limits and stored results cannot be checked, so no provider was "
+                    "called. Fix: check REDIS_URL and the Redis server; resubmitting the "
+                    "job later is safe."
+                ) from None
+            if reused is None:
+                gate = DeferredGate(self.breaker, settlement, circuit)
+                # 5. the chain; every further attempt admitted and charged on its own.
+                outcome = self.call(plan, context, meter, gate=gate)
+                # 5b. finish_reason "length": fail, retry larger or accept
+                outcome = self.enforce_truncation(plan, context, outcome, meter, gate=gate)
+                meter.close()
+                result = self.result(plan, outcome, meter, context, started)
+                # 7. One round trip: charges, circuit, stored result and cache, leases, latency.
+                self.settle(settlement, flight, result, context, started=started)
+            else:
+                result = reused.result
         except LLMQError as exc:
+            self.abort(settlement, meter, flight, context, started=started)
             self.log_job(job, context, meter=meter, error=exc, started=started)
-            self.record_latency(context, started=started)
             raise
         except Exception as exc:
+            self.abort(settlement, meter, flight, context, started=started)
             # Its message may quote the job: the caller learns the type, never the text.
             logs.logger.error(
                 "unexpected %s in request %s at:\n%s",
@@ -157,12 +177,97 @@ class Pipeline:
             )
             self.log_job(job, context, meter=meter, error=error, started=started)
             raise error from None
-        self.log_job(job, context, meter=meter, result=result, started=started, reused=reused)
-        # A reused result made no provider call now: only its queue wait and total count.
-        self.record_latency(context, started=started, result=None if reused else result)
+        if reused is not None:
+            # A reused result made no provider call now: only its queue wait and total count.
+            self.record_latency(context, started=started)
+        self.log_job(job, context, meter=meter, result=result, started=started, reused=reused)  # 6
         return result  # 7. the result backend stores it
 
-    def meter(self, job: CompletionJob, context: JobContext) -> Meter:
+    def admit(
+        self, plan: Plan, flight: Flight, meter: Meter, context: JobContext, *, started: float
+    ) -> tuple[Reused | None, dict[str, Admission]]:
+        """Steps 4 and 2-3 in one script: a reused answer, or what the first attempt holds.
+
+        Returns the reused result (or None), and the first provider's circuit as the
+        admission found it. An identical job (or another delivery of this one) that
+        is calling already is waited for, polling the same script.
+        """
+        primary = plan.primary
+        wait_until = time.monotonic() + self.settings.cache_wait_seconds
+        delay = 0.02
+        while True:
+            prepared = meter.prepare(primary.provider, primary.estimate)
+            parts = [
+                flight.admit_part(),
+                self.breaker.admit_part(primary.provider),
+                *prepared.parts,
+            ]
+            replies = self.scripts.admit(parts)
+            verdict = flight.verdict(
+                replies[0], started=started, queue_wait_ms=context.queue_wait_ms
+            )
+            if isinstance(verdict, Reused):
+                return verdict, {}
+            if verdict == "lead":
+                break
+            if time.monotonic() >= wait_until:
+                if verdict == "follow_job":
+                    raise flight.in_progress()
+                # The identical job outlived our wait: call the provider ourselves.
+                flight.take_cache_lease = False
+                continue
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+        circuit = CircuitBreaker.admission(replies[1])
+        if circuit is not Admission.OPEN:
+            meter.accept(prepared, replies[2:])
+        return None, {primary.provider: circuit}
+
+    def settle(
+        self,
+        settlement: Settlement,
+        flight: Flight,
+        result: CompletionResult,
+        context: JobContext,
+        *,
+        started: float,
+    ) -> None:
+        """Write everything the job's answer settles, in one round trip."""
+        latency = self.latency.record_part(
+            queue_wait_ms=context.queue_wait_ms,
+            provider_latency_ms=result.provider_latency_ms,
+            total_latency_ms=(time.perf_counter() - started) * 1000,
+        )
+        try:
+            settlement.send(self.scripts, flight.store_part(result), latency)
+        except redis.RedisError as exc:
+            # The answer is paid for: return it even if it cannot be kept or counted; the
+            # reservations it held expire on their own.
+            logs.logger.error("job settlement not written, Redis error: %s", exc)
+
+    def abort(
+        self,
+        settlement: Settlement,
+        meter: Meter,
+        flight: Flight | None,
+        context: JobContext,
+        *,
+        started: float,
+    ) -> None:
+        """A job that ends without an answer: settle what it was charged, free its leases."""
+        meter.close()
+        extra = [flight.release_part()] if flight is not None else []
+        extra.append(
+            self.latency.record_part(
+                queue_wait_ms=context.queue_wait_ms,
+                total_latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
+        settlement.flush(self.scripts, *extra)
+
+    def meter(
+        self, job: CompletionJob, context: JobContext, settlement: Settlement | None = None
+    ) -> Meter:
         """The job's ledger of admissions and charges."""
         return Meter(
             spend=self.spend,
@@ -170,6 +275,7 @@ class Pipeline:
             user_id=job.user_id,
             request_id=job.request_id,
             record=context.log_fields,
+            settlement=settlement,
         )
 
     def plan(self, job: CompletionJob) -> Plan:
@@ -189,6 +295,8 @@ class Pipeline:
         context: JobContext,
         meter: Meter,
         candidates: list[Candidate] | None = None,
+        *,
+        gate: Gate | None = None,
     ) -> Outcome:
         """Step 5: the provider chain with retries and the circuit breaker, every attempt logged."""
         job = plan.job
@@ -237,13 +345,19 @@ class Pipeline:
             targets,
             on_attempt=record,
             policy=self.retry_policy,
-            gate=self.breaker,
+            gate=gate or self.breaker,
             deadline=plan.deadline,
             meter=meter,
         )
 
     def enforce_truncation(
-        self, plan: Plan, context: JobContext, outcome: Outcome, meter: Meter
+        self,
+        plan: Plan,
+        context: JobContext,
+        outcome: Outcome,
+        meter: Meter,
+        *,
+        gate: Gate | None = None,
     ) -> Outcome:
         """Step 5b: the job's policy for an answer cut off at max_tokens."""
         served = next(c for c in plan.candidates if c.provider == outcome.provider)
@@ -254,7 +368,11 @@ class Pipeline:
             estimate=served.estimate,
             # The larger call is admitted and charged like any other attempt.
             retry=lambda larger: self.call(
-                plan, context, meter, [Candidate(provider=served.provider, estimate=larger)]
+                plan,
+                context,
+                meter,
+                [Candidate(provider=served.provider, estimate=larger)],
+                gate=gate,
             ),
             request_id=plan.job.request_id,
             task_id=context.task_id,

@@ -329,6 +329,15 @@ class Settings(BaseSettings):
         if problems:
             raise ConfigurationError("Invalid llmq configuration:\n  " + "\n  ".join(problems))
 
+    # --- Redis as deployed, and the fleet (issue 19) ----------------------------------
+    # Kept together at the end of the class; read by worker/redis_checks.py and
+    # worker/fleet.py.
+    allow_evicting_redis: bool = Field(False, validation_alias=_env("LLM_ALLOW_EVICTING_REDIS"))
+    fleet_heartbeat_seconds: float = Field(
+        10.0, ge=0.5, le=300, validation_alias=_env("LLM_FLEET_HEARTBEAT_SECONDS")
+    )
+    # --- end of issue 19 settings -------------------------------------------------------
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read settings, turning pydantic's report into one message per bad variable."""

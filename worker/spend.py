@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from worker.errors import DailyBudgetExceededError
+from worker.keyspace import SpendKeys
+from worker.scripts import Part, scripts_for
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,57 +47,6 @@ DIMENSIONS = ("user", "model", "provider")
 
 logger = logging.getLogger("llmq.spend")
 
-# KEYS: held reservations of the user, the user's counters.
-# ARGV: reservation id, units, budget units (-1: none), ttl seconds, retention seconds.
-# Returns {reserved?, spent units, units reserved by other jobs}.
-_RESERVE = """
-local now = tonumber(redis.call('TIME')[1])
-local held = redis.call('HGETALL', KEYS[1])
-local reserved = 0
-for i = 1, #held, 2 do
-  local units, expires = string.match(held[i + 1], '^(%d+):(%d+)$')
-  if units == nil or tonumber(expires) <= now then
-    redis.call('HDEL', KEYS[1], held[i])
-  else
-    reserved = reserved + tonumber(units)
-  end
-end
-local spent = tonumber(redis.call('HGET', KEYS[2], 'cost_units') or '0')
-local units = tonumber(ARGV[2])
-local budget = tonumber(ARGV[3])
-if budget >= 0 and spent + reserved + units > budget then
-  return {0, tostring(spent), tostring(reserved)}
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. tostring(now + tonumber(ARGV[4])))
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {1, tostring(spent), tostring(reserved)}
-"""
-
-# KEYS: held, user, model, provider, total counters, index of names, alert flag.
-# ARGV: reservation id, the five counters after `requests` (see COUNTERS),
-#       alert threshold units (-1: none), retention, user/model/provider index entries.
-# Returns {alert now?, total cost units today, reservation still held?}.
-_SETTLE = """
-local held = redis.call('HDEL', KEYS[1], ARGV[1])
-local fields = {'input_tokens', 'output_tokens', 'cached_input_tokens', 'cost_units', 'saved_units'}
-for k = 2, 5 do
-  redis.call('HINCRBY', KEYS[k], 'requests', 1)
-  for f = 1, 5 do
-    redis.call('HINCRBY', KEYS[k], fields[f], ARGV[f + 1])
-  end
-  redis.call('EXPIRE', KEYS[k], ARGV[8])
-end
-redis.call('SADD', KEYS[6], ARGV[9], ARGV[10], ARGV[11])
-redis.call('EXPIRE', KEYS[6], ARGV[8])
-local total = redis.call('HGET', KEYS[5], 'cost_units')
-local threshold = tonumber(ARGV[7])
-if threshold >= 0 and tonumber(total) >= threshold
-    and redis.call('SET', KEYS[7], total, 'NX', 'EX', ARGV[8]) then
-  return {1, total, held}
-end
-return {0, total, held}
-"""
-
 
 def to_units(usd: Decimal | float, *, rounding: str = ROUND_HALF_EVEN) -> int:
     """USD as an integer number of 1e-10 USD."""
@@ -111,42 +62,6 @@ def to_usd(units: int | str) -> Decimal:
 def utc_day(now: float | None = None) -> str:
     """The UTC calendar day, YYYY-MM-DD, that budgets and totals are kept by."""
     return datetime.fromtimestamp(time.time() if now is None else now, UTC).date().isoformat()
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpendKeys:
-    """The Redis key names of one UTC day."""
-
-    namespace: str
-    day: str
-
-    @property
-    def prefix(self) -> str:
-        """Every key of the day starts with this."""
-        return f"{self.namespace}:spend:{self.day}"
-
-    def held(self, user_id: str) -> str:
-        """Hash of the user's reservations: id -> "units:expires_at"."""
-        return f"{self.prefix}:held:{user_id}"
-
-    def counters(self, dimension: str, name: str) -> str:
-        """Hash of COUNTERS for one user, model or provider."""
-        return f"{self.prefix}:{dimension}:{name}"
-
-    @property
-    def total(self) -> str:
-        """Hash of COUNTERS for everyone."""
-        return f"{self.prefix}:total"
-
-    @property
-    def index(self) -> str:
-        """Set of "dimension:name" entries that have counters today."""
-        return f"{self.prefix}:index"
-
-    @property
-    def alerted(self) -> str:
-        """Set once, by the settle that first crosses the daily alert threshold."""
-        return f"{self.prefix}:alerted"
 
 
 @dataclass(kw_only=True)
@@ -187,8 +102,7 @@ class SpendTracker:
         self.alert_units = None if alert_usd is None else to_units(alert_usd, rounding=ROUND_FLOOR)
         self.reservation_ttl = reservation_ttl
         self.namespace = namespace
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
+        self.scripts = scripts_for(client)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SpendTracker:
@@ -209,21 +123,40 @@ class SpendTracker:
 
     def reserve(self, *, user_id: str, worst_case_usd: Decimal) -> BudgetReservation:
         """Hold `worst_case_usd` for the user, or raise DailyBudgetExceededError."""
+        part, reservation = self.reserve_part(user_id=user_id, worst_case_usd=worst_case_usd)
+        return self.reserved(self.scripts.run(part), reservation)
+
+    def reserve_part(
+        self, *, user_id: str, worst_case_usd: Decimal
+    ) -> tuple[Part, BudgetReservation]:
+        """The script part that holds the worst case, and the reservation it makes."""
         keys = self.keys()
         units = to_units(worst_case_usd, rounding=ROUND_CEILING)
-        reservation_id = uuid.uuid4().hex
-        budget = -1 if self.budget_units is None else self.budget_units
-        ok, spent, reserved = self._reserve(
-            keys=[keys.held(user_id), keys.counters("user", user_id)],
-            args=[reservation_id, units, budget, self.reservation_ttl, RETENTION_SECONDS],
+        reservation = BudgetReservation(
+            tracker=self, user_id=user_id, day=keys.day, id=uuid.uuid4().hex, units=units
         )
+        budget = -1 if self.budget_units is None else self.budget_units
+        part = Part(
+            "budget_reserve",
+            [keys.held(user_id), keys.counters("user", user_id), keys.holders],
+            [reservation.id, units, budget, self.reservation_ttl, RETENTION_SECONDS, user_id],
+        )
+        return part, reservation
+
+    def reserved(self, reply: Any, reservation: BudgetReservation) -> BudgetReservation:
+        """The reservation if the budget admitted it, else DailyBudgetExceededError."""
+        ok, spent, reserved = reply
         if not int(ok):
             raise DailyBudgetExceededError(
-                self._rejection(user_id, keys.day, int(spent), int(reserved), units)
+                self._rejection(
+                    reservation.user_id,
+                    reservation.day,
+                    int(spent),
+                    int(reserved),
+                    reservation.units,
+                )
             )
-        return BudgetReservation(
-            tracker=self, user_id=user_id, day=keys.day, id=reservation_id, units=units
-        )
+        return reservation
 
     def _rejection(self, user_id: str, day: str, spent: int, reserved: int, units: int) -> str:
         budget = self.budget_units or 0
@@ -240,41 +173,48 @@ class SpendTracker:
 
     def settle(self, reservation: BudgetReservation, charge: Charge) -> None:
         """Record an answer's cost and usage; free the rest of its reservation."""
-        keys = self.keys(reservation.day)
-        usage = charge.usage
-        counters = [
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cached_input_tokens,
-            to_units(charge.cost_usd),
-            0,
-        ]
         try:
-            alert, total, held = self._settle(
-                keys=[
-                    keys.held(reservation.user_id),
-                    keys.counters("user", reservation.user_id),
-                    keys.counters("model", charge.model),
-                    keys.counters("provider", charge.provider),
-                    keys.total,
-                    keys.index,
-                    keys.alerted,
-                ],
-                args=[
-                    reservation.id,
-                    *counters,
-                    -1 if self.alert_units is None else self.alert_units,
-                    RETENTION_SECONDS,
-                    f"user:{reservation.user_id}",
-                    f"model:{charge.model}",
-                    f"provider:{charge.provider}",
-                ],
-            )
+            reply = self.scripts.run(self.settle_part(reservation, charge))
         except redis.RedisError as exc:
             # The provider has been paid: failing the job now would only make the
             # caller pay again. The reservation expires on its own.
             logger.error("spend not recorded for reservation %s: %s", reservation.id, exc)
             return
+        self.settled(reply, reservation)
+
+    def settle_part(self, reservation: BudgetReservation, charge: Charge) -> Part:
+        """The script part that records an answer's cost in every counter of the day."""
+        keys = self.keys(reservation.day)
+        usage = charge.usage
+        return Part(
+            "budget_settle",
+            [
+                keys.held(reservation.user_id),
+                keys.counters("user", reservation.user_id),
+                keys.counters("model", charge.model),
+                keys.counters("provider", charge.provider),
+                keys.total,
+                keys.index,
+                keys.alerted,
+            ],
+            [
+                reservation.id,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cached_input_tokens,
+                to_units(charge.cost_usd),
+                0,
+                -1 if self.alert_units is None else self.alert_units,
+                RETENTION_SECONDS,
+                f"user:{reservation.user_id}",
+                f"model:{charge.model}",
+                f"provider:{charge.provider}",
+            ],
+        )
+
+    def settled(self, reply: Any, reservation: BudgetReservation) -> None:
+        """Log what a settle found: an expired reservation, the day's alert."""
+        alert, total, held = reply
         if not int(held):
             # Its budget was free for others while the job still ran: the TTL is too short.
             logger.warning(
@@ -296,23 +236,36 @@ class SpendTracker:
                 },
             )
 
+    def release_part(self, reservation: BudgetReservation) -> Part:
+        """The script part that drops a reservation."""
+        return Part(
+            "budget_release",
+            [self.keys(reservation.day).held(reservation.user_id)],
+            [reservation.id],
+        )
+
     def release(self, reservation: BudgetReservation) -> None:
         """Drop the reservation: the job failed and spent nothing we know of."""
         try:
-            self.client.hdel(self.keys(reservation.day).held(reservation.user_id), reservation.id)
+            self.scripts.run(self.release_part(reservation))
         except redis.RedisError as exc:
             logger.warning("reservation %s not released (it expires): %s", reservation.id, exc)
 
     def totals(self, day: str | None = None) -> dict[str, Any]:
         """The day's counters: {"day", "total", "user"/"model"/"provider": {name: counters}}.
 
-        Each user's entry also has `reserved_units`: what its jobs in flight hold.
+        Each user's entry also has `reserved_units`: what its jobs in flight hold. Users
+        whose only jobs are still in flight are listed too, with zero counters; the
+        total's `reserved_units` is everyone's.
         """
         keys = self.keys(day)
-        members: set[str] = self.client.smembers(keys.index)  # type: ignore[assignment]
-        names = [(d, n) for d, _, n in (entry.partition(":") for entry in sorted(members))]
-        users = [name for dimension, name in names if dimension == "user"]
         pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(keys.index)
+        pipe.smembers(keys.holders)
+        members, holders = pipe.execute()
+        names = [(d, n) for d, _, n in (entry.partition(":") for entry in sorted(members))]
+        settled = {name for dimension, name in names if dimension == "user"}
+        users = sorted(settled | set(holders))
         pipe.hgetall(keys.total)
         for dimension, name in names:
             pipe.hgetall(keys.counters(dimension, name))
@@ -324,12 +277,18 @@ class SpendTracker:
         for (dimension, name), counters in zip(names, replies[1:], strict=False):
             report.setdefault(dimension, {})[name] = _ints(counters)
         now = time.time()
+        reserved_total = 0
         for user, held in zip(users, replies[1 + len(names) :], strict=True):
-            report["user"][user]["reserved_units"] = sum(
+            reserved = sum(
                 int(units)
                 for units, _, expires in (value.partition(":") for value in held.values())
                 if int(expires) > now
             )
+            if user not in settled and not reserved:
+                continue  # its jobs failed or expired: nothing spent, nothing held
+            report["user"].setdefault(user, _ints({}))["reserved_units"] = reserved
+            reserved_total += reserved
+        report["total"]["reserved_units"] = reserved_total
         return report
 
 
