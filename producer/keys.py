@@ -14,11 +14,12 @@ from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
 from worker.connections import redis_client
+from worker.keyspace import API_KEY
 from worker.models import CompletionJob
 from worker.settings import Settings
 
 # One hash per key: llmq:apikey:<key id> -> digest, user_id, name, created.
-PREFIX = "llmq:apikey:"
+PREFIX = API_KEY
 # llmq_<key id>_<secret>: the id finds the record without a scan; the secret holds
 # 256 random bits, so a plain sha256 of the key is as strong as a slow password hash.
 KEY_ID = re.compile(r"[0-9a-f]{16}")

@@ -28,13 +28,14 @@ from producer import submit
 from producer.keys import KeyStore
 from worker.connections import redis_client
 from worker.errors import InvalidJobError
+from worker.keyspace import JOB_POSTER
 from worker.models import CompletionJob, Message
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger("llmq.web")
 
 # llmq:jobowner:<task id> -> sha256 of the user id that posted the job.
-OWNER_PREFIX = "llmq:jobowner:"
+OWNER_PREFIX = JOB_POSTER
 # Names of fields a 422 may repeat; anything else a client sent as a key is not quoted.
 _FIELDS = {"body", *CompletionJob.model_fields, *Message.model_fields}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
