@@ -6,6 +6,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY producer ./producer
+# Flower reads it from its working directory: runtime buckets, results without text.
+COPY flowerconfig.py ./
 RUN pip install --no-cache-dir . \
     && python -c "from worker import tokens; tokens.install_offline_encodings()" \
     && useradd --system --home /app llmq && chown -R llmq /var/cache/llmq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +55,11 @@ def _summarize(args: argparse.Namespace) -> int:
         with stop_on_signals(run, on_stop=view.stopping), view:
             report = run.run()
     except KeyboardInterrupt:
+        from rich.text import Text
+
         saved = f" in {args.out}" if args.out else ""
-        console.print(f"interrupted: the documents finished so far are saved{saved}")
+        # Text, not markup: a path such as "out[1].jsonl" prints as it is.
+        console.print(Text(f"interrupted: the documents finished so far are saved{saved}"))
         return 130
     console.print(report_table(report))
     if report.interrupted:
@@ -68,6 +72,18 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def _cache_version(value: str) -> str:
+    from worker.settings import CACHE_VERSION_PATTERN
+
+    # The version becomes part of a SCAN pattern: '*' or '?' would match other versions.
+    if re.fullmatch(CACHE_VERSION_PATTERN, value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a cache version: use 1 to 64 letters, digits, '.', '_' or '-' "
+            "(no glob characters), as in LLM_CACHE_VERSION"
+        )
+    return value
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -159,6 +175,54 @@ def _circuits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    try:
+        token, key = KeyStore.from_settings(get_settings()).create(args.user, args.name)
+    except ValueError as exc:
+        print(f"llmq keys create: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**key.as_dict(), "key": token}))
+    else:
+        # The key alone on stdout, so `KEY=$(llmq keys create alice)` works.
+        print(token)
+        print(
+            f"created key {key.id} for user {key.user_id!r}; it is shown only this once "
+            "(llmq stores its sha256): send it as 'Authorization: Bearer <key>'",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    keys = [key.as_dict() for key in KeyStore.from_settings(get_settings()).list()]
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    if not keys:
+        print("no API keys")
+    for key in keys:
+        print(f"{key['id']}  {key['created']}  user={key['user_id']!r}  name={key['name']!r}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from producer.keys import KeyStore
+    from worker.settings import get_settings
+
+    if not KeyStore.from_settings(get_settings()).revoke(args.key_id):
+        print(f"llmq keys revoke: no key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked key {args.key_id}: requests with it now get 401")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The `llmq` argument parser."""
     root = argparse.ArgumentParser(prog="llmq", description="LLM completion jobs on Celery.")
@@ -231,14 +295,33 @@ def parser() -> argparse.ArgumentParser:
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     stats = cache_commands.add_parser("stats", help="entries, bytes, hit rate, savings")
     which = stats.add_mutually_exclusive_group()
-    which.add_argument("--version", help="a cache version (default: LLM_CACHE_VERSION)")
+    which.add_argument(
+        "--version", type=_cache_version, help="a cache version (default: LLM_CACHE_VERSION)"
+    )
     which.add_argument("--all", action="store_true", help="every cache version together")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_cache_stats)
     clear = cache_commands.add_parser("clear", help="delete cached answers (SCAN, not KEYS)")
-    clear.add_argument("--version", help="only this cache version (default: every version)")
+    clear.add_argument(
+        "--version", type=_cache_version, help="only this cache version (default: every version)"
+    )
     clear.add_argument("--json", action="store_true")
     clear.set_defaults(run=_cache_clear)
+
+    # keys (issue 18): API keys of the HTTP front
+    keys = commands.add_parser("keys", help="API keys of the HTTP front (producer.web)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="make a key for USER; prints it once")
+    create.add_argument("user", metavar="USER", help="the user id every request is charged to")
+    create.add_argument("--name", default="", help="what the key is for, e.g. the app's name")
+    create.add_argument("--json", action="store_true", help="print the key and its record")
+    create.set_defaults(run=_keys_create)
+    listing = keys_commands.add_parser("list", help="ids, users, names and creation times")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys_commands.add_parser("revoke", help="delete a key at once")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the id `llmq keys list` shows")
+    revoke.set_defaults(run=_keys_revoke)
 
     # health (observability issue)
     health = commands.add_parser("health", help="fleet latency, circuits, queues (JSON)")

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 DIMENSIONS = ("user", "model", "provider", "day")
 _ZERO = Decimal(0)
@@ -158,12 +159,14 @@ def from_spend_totals(totals: dict[str, Any]) -> CostReport:
 
 def render(report: CostReport, console: Console) -> None:
     """One rich table per dimension, then the grand total."""
+    # Names come from logs and Redis: Text, never markup, so a user called "[/evil]" or
+    # ":smile:" prints as it is instead of crashing the report or turning into a style.
     for dimension in DIMENSIONS:
         rows = report.by[dimension]
         if not rows:
             continue
         reserved = any(t.reserved_usd is not None for t in rows.values())
-        table = Table(title=f"by {dimension} ({report.source})", title_justify="left")
+        table = Table(title=Text(f"by {dimension} ({report.source})"), title_justify="left")
         # Names fold rather than end in an ellipsis: a cut-off user id is useless.
         table.add_column(dimension, overflow="fold")
         for name in ("requests", "failed", "input", "output", "cached in", "cost $", "saved $"):
@@ -171,12 +174,12 @@ def render(report: CostReport, console: Console) -> None:
         if reserved:
             table.add_column("reserved $", justify="right", no_wrap=True)
         for key, totals in sorted(rows.items(), key=lambda item: -item[1].cost_usd):
-            table.add_row(key, *_cells(totals, reserved=reserved))
+            table.add_row(Text(key), *_cells(totals, reserved=reserved))
         table.add_section()
         table.add_row("total", *_cells(report.total, reserved=False), *([""] if reserved else []))
         console.print(table)
     if report.total.requests == 0:
-        console.print(f"no jobs recorded in {report.source}")
+        console.print(Text(f"no jobs recorded in {report.source}"))
     if report.skipped_lines:
         console.print(f"{report.skipped_lines} unreadable llm_job lines skipped")
 

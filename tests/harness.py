@@ -13,7 +13,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,48 @@ class Monitor:
         """Stop monitoring."""
         self._client.connection_pool.disconnect()
         self._thread.join(5)
+
+
+@contextmanager
+def serve_front(env: dict[str, str], run_dir: Path) -> Iterator[tuple[str, Path]]:
+    """`uvicorn producer.web:app` on a free port; yields its base URL and its log."""
+    from worker.settings import API_KEY_ENV
+
+    port = free_port()
+    log_path = run_dir / f"web-{port}.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "producer.web:app",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+            ],
+            # The front never needs a provider key: it is given none.
+            env={k: v for k, v in env.items() if k not in API_KEY_ENV.values()},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"uvicorn exited:\n{log_path.read_text()}")
+            try:
+                return requests.get(f"{base}/docs", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        try:
+            wait_for(up, timeout=30, what="uvicorn")
+            yield base, log_path
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

@@ -181,3 +181,61 @@ def test_cli_cache_stats_and_clear(tmp_path: Path) -> None:
         assert llmq(server.url, "cache", "stats", "--all")["entries"] == 0
     finally:
         server.stop()
+
+
+def test_cli_refuses_a_glob_for_a_version(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    try:
+        client = server.client()
+        request = cache_request(job(temperature=0), settings=openai(), prices=PRICES)
+        assert request is not None
+        for name in ("6", "7"):
+            ResponseCache(client, version=name, ttl=60).put(request, result())
+        before = sorted(client.scan_iter("*"))
+        env = {**os.environ, "REDIS_URL": server.url}
+        llmq_bin = str(Path(CELERY).with_name("llmq"))
+        for command in ("clear", "stats"):
+            done = subprocess.run(
+                [llmq_bin, "cache", command, "--version", "*"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 2, (command, done.stdout)
+            assert "'*' is not a cache version" in done.stderr
+            assert "no glob characters" in done.stderr
+        assert sorted(client.scan_iter("*")) == before  # nothing was deleted
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("version", ["7*", "?", "[67]", "a\\*", "", "x" * 65, "1\n", "a b"])
+def test_version_option_takes_only_what_the_setting_takes(
+    version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli import parser
+
+    for command in ("clear", "stats"):
+        with pytest.raises(SystemExit) as exited:
+            parser().parse_args(["cache", command, "--version", version])
+        assert exited.value.code == 2
+        assert "is not a cache version" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        Settings(LLM_CACHE_VERSION=version or " ")  # type: ignore[call-arg]
+
+
+def test_version_option_takes_a_valid_version() -> None:
+    from producer.cli import parser
+
+    for version in ("7", "v1.2_3-x", "x" * 64):
+        assert parser().parse_args(["cache", "clear", "--version", version]).version == version
+        assert Settings(LLM_CACHE_VERSION=version).cache_version == version  # type: ignore[call-arg]
+
+
+def test_cache_api_refuses_a_glob_for_a_version(redis_server: RedisServer) -> None:
+    cache = ResponseCache(redis_server.client(), version="1", ttl=60)
+    for version in ("*", "1*", "[12]"):
+        with pytest.raises(ValueError, match="not a cache version"):
+            cache.clear(version)
+        with pytest.raises(ValueError, match="not a cache version"):
+            cache.stats(version)

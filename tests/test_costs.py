@@ -163,3 +163,34 @@ def test_cost_of_the_worker_log_equals_the_sum_of_job_costs(
         [LLMQ, "cost"], input=worker.output(), capture_output=True, text=True, timeout=60
     )
     assert table.returncode == 0 and user_id in table.stdout and "by provider" in table.stdout
+
+
+HOSTILE = ["[/evil]", "ali[i]ce", "[bold red]boss[/]", ":thumbs_up:", "back\\[slash"]
+
+
+def _hostile_lines() -> list[str]:
+    return [
+        _line(user_id=name, provider=f"p{name}", model=f"m{name}", cost_usd=0.001)
+        for name in HOSTILE
+    ]
+
+
+def test_names_from_the_logs_print_literally() -> None:
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    costs.render(costs.from_log_lines(_hostile_lines(), source="logs[1]"), console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    for name in HOSTILE:
+        for shown in (name, f"p{name}", f"m{name}"):
+            assert shown in text, shown
+    assert "by user (logs[1])" in text
+    assert "👍" not in text  # ":thumbs_up:" is a user id, not an emoji code
+
+
+def test_cli_prints_hostile_user_names(tmp_path: Path) -> None:
+    log = tmp_path / "worker[1].log"
+    log.write_text("\n".join(_hostile_lines()) + "\n")
+    done = subprocess.run([LLMQ, "cost", str(log)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in HOSTILE:
+        assert name in done.stdout, name
+    assert str(log) in done.stdout

@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
-from fastapi.testclient import TestClient
 
 from tests.fakes import FakeProvider, Fault
-from tests.harness import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, Flower, Isolated, wait_for
+from tests.harness import (
+    ANTHROPIC_TEST_KEY,
+    OPENAI_TEST_KEY,
+    Flower,
+    Isolated,
+    serve_front,
+    wait_for,
+)
 from worker import secrets
 from worker.errors import ConfigurationError, ProviderError
 from worker.settings import load_settings
@@ -56,7 +63,6 @@ def test_an_echoed_key_appears_nowhere(
     fake: FakeProvider,
     user_id: str,
     run_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = start_worker(
         isolated=isolated,
@@ -89,7 +95,6 @@ def test_an_echoed_key_appears_nowhere(
         )
         assert isinstance(error, Exception) and "Incorrect API key" in str(error)
 
-        monkeypatch.setenv("REDIS_URL", isolated.url)
         surfaces = {
             "worker log": worker.output(),
             "exception": f"{error!r} {error}",
@@ -105,21 +110,26 @@ def test_an_echoed_key_appears_nowhere(
             )
             surfaces[f"llmq {command[0]}"] = done.stdout + done.stderr
         assert "open" in surfaces["llmq circuits"]  # the circuit, with its last error, shows
-        from worker.settings import get_settings
 
-        get_settings.cache_clear()
-        from producer.web import app as front
+        # The front's full report and the job, as the job's owner reads them with a key.
+        from producer.keys import KeyStore
+        from producer.web import OWNER_PREFIX, _owner
 
-        with TestClient(front) as client:
-            surfaces["GET /health"] = client.get("/health").text
-            surfaces["GET /v1/jobs"] = client.get(
-                f"/v1/jobs/{job.id}", headers={"Authorization": "Bearer none"}
-            ).text
+        client = redis.Redis.from_url(isolated.url, decode_responses=True)
+        token, _ = KeyStore(client).create(user_id)
+        # Sent by a plain Celery producer: owned as if posted through the front.
+        client.set(OWNER_PREFIX + job.id, _owner(user_id))
+        with serve_front(isolated.env, run_dir) as (base, _):
+            auth = {"Authorization": f"Bearer {token}"}
+            health = requests.get(f"{base}/health", headers=auth, timeout=10)
+            # The circuits with their last errors: the provider's echo, key masked.
+            assert "Incorrect API key" in health.text and "***" in health.text
+            surfaces["GET /health"] = health.text
+            polled = requests.get(f"{base}/v1/jobs/{job.id}", headers=auth, timeout=10)
+            assert polled.json()["state"] == "FAILURE" and polled.json()["error"]
+            surfaces["GET /v1/jobs"] = polled.text
     finally:
         flower.stop()
-        from worker.settings import get_settings
-
-        get_settings.cache_clear()
     for surface, text in surfaces.items():
         for key in (OPENAI_TEST_KEY, ANTHROPIC_TEST_KEY):
             assert key not in text, f"{key[:10]}... leaked into {surface}"

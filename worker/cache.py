@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from worker.keyspace import CACHE, CacheKeys
 from worker.models import CompletionJob, CompletionResult
 from worker.prices import PriceTable
 from worker.scripts import Part, scripts_for
-from worker.settings import Settings
+from worker.settings import CACHE_VERSION_PATTERN, Settings
 
 PREFIX = CACHE
 
@@ -202,7 +203,7 @@ class ResponseCache:
     def stats(self, version: str | None = None) -> CacheStats:
         """Entries, bytes and counters of `version`, or of every version when None."""
         entries = size = 0
-        pattern = f"{PREFIX}:{version or '*'}:entry:*"
+        pattern = f"{PREFIX}:{_scan_version(version)}:entry:*"
         for batch in _batches(self.redis.scan_iter(match=pattern, count=500)):
             with self.redis.pipeline(transaction=False) as pipe:
                 for key in batch:
@@ -212,7 +213,7 @@ class ResponseCache:
             size += sum(int(n) for n in lengths)
         hits = misses = 0
         saved = 0.0
-        for key in self.redis.scan_iter(match=self._stats_key(version or "*"), count=500):
+        for key in self.redis.scan_iter(match=self._stats_key(_scan_version(version)), count=500):
             counters = self.redis.hgetall(key)
             hits += int(counters.get("hits", 0))
             misses += int(counters.get("misses", 0))
@@ -225,12 +226,23 @@ class ResponseCache:
         """Delete the entries and counters of `version` (every version when None)."""
         deleted = 0
         for kind in ("entry", "stats"):
-            pattern = f"{PREFIX}:{version or '*'}:{kind}" + (":*" if kind == "entry" else "")
+            pattern = f"{PREFIX}:{_scan_version(version)}:{kind}" + (
+                ":*" if kind == "entry" else ""
+            )
             # SCAN in batches, never KEYS: the cache may hold millions of entries.
             for batch in _batches(self.redis.scan_iter(match=pattern, count=500)):
                 removed = self.redis.unlink(*batch)
                 deleted += int(removed) if kind == "entry" else 0
         return deleted
+
+
+def _scan_version(version: str | None) -> str:
+    """`version` in a SCAN pattern: '*' for every version; never a glob of a caller's."""
+    if version is None:
+        return "*"
+    if re.fullmatch(CACHE_VERSION_PATTERN, version) is None:
+        raise ValueError(f"not a cache version (must match {CACHE_VERSION_PATTERN}): {version!r}")
+    return version
 
 
 def _batches(keys: Any, size: int = 500) -> Any:

@@ -23,6 +23,10 @@ CIRCUIT = f"{ROOT}:circuit:"
 CIRCUITS = f"{ROOT}:circuits"
 LATENCY = f"{ROOT}:latency:"
 FLEET = f"{ROOT}:fleet"
+# The HTTP front's: an API key's record by key id (producer/keys.py), and who (sha256 of
+# the user id) posted a job through the front, by task id (producer/web.py).
+API_KEY = f"{ROOT}:apikey:"
+JOB_POSTER = f"{ROOT}:jobowner:"
 
 
 def digest(*parts: object) -> str:

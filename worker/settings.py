@@ -33,6 +33,10 @@ API_KEY_ENV: dict[str, str] = {
 
 GEMINI_OPENAI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
 
+# A cache version names a key prefix in Redis: no glob characters, so `llmq cache clear
+# --version` can never match other versions.
+CACHE_VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
 
 OnLimit = Literal["fail", "defer"]
 # A deferred job waits for its countdown and then runs for up to the job deadline while its
@@ -157,7 +161,7 @@ class Settings(BaseSettings):
     # Response cache and idempotency (cache issue)
     cache_enabled: bool = Field(True, validation_alias=_env("LLM_CACHE_ENABLED"))
     cache_version: str = Field(
-        "1", pattern=r"^[A-Za-z0-9._-]{1,64}$", validation_alias=_env("LLM_CACHE_VERSION")
+        "1", pattern=CACHE_VERSION_PATTERN, validation_alias=_env("LLM_CACHE_VERSION")
     )
     cache_ttl: int = Field(86_400, ge=1, validation_alias=_env("LLM_CACHE_TTL"))
     cache_wait_seconds: float = Field(
@@ -224,6 +228,15 @@ class Settings(BaseSettings):
     # Logs
     log_prompts: bool = Field(False, validation_alias=_env("LLM_LOG_PROMPTS"))
     log_level: str = Field("INFO", validation_alias=_env("LLM_LOG_LEVEL"))
+
+    # --- HTTP front (issue 18) ---------------------------------------------------
+    # API keys on every request (`llmq keys create USER`); false only on a trusted network.
+    http_auth: bool = Field(True, validation_alias=_env("LLM_HTTP_AUTH"))
+    # Larger request bodies get 413 before they are read in full or parsed.
+    http_max_body_bytes: int = Field(
+        1_048_576, ge=1, le=1_073_741_824, validation_alias=_env("LLM_HTTP_MAX_BODY_BYTES")
+    )
+    # --- end HTTP front ------------------------------------------------------------
 
     @model_validator(mode="after")
     def _deadline_below_visibility_timeout(self) -> Settings:
