@@ -63,6 +63,8 @@ class Ticket:
     budget: BudgetReservation | None
     limits: LimitReservation | None
     settled: bool = False
+    # False for the job's first attempt until the chain takes it: never sent if not taken.
+    taken: bool = True
 
 
 @dataclass(kw_only=True)
@@ -135,7 +137,9 @@ class Meter:
                     limits, tokens=tokens, reservation_id=reservation.reservation_id
                 )
             )
-        ticket = Ticket(provider=provider, estimate=estimate, budget=budget, limits=reservation)
+        ticket = Ticket(
+            provider=provider, estimate=estimate, budget=budget, limits=reservation, taken=False
+        )
         return Prepared(ticket=ticket, parts=parts, limits=limits, tokens=tokens)
 
     def accept(self, prepared: Prepared, replies: list[Any]) -> None:
@@ -165,6 +169,7 @@ class Meter:
         if isinstance(first, AdmissionRejected) and not self._tickets:
             raise first
         if isinstance(first, Ticket) and first.provider == provider and first.estimate is estimate:
+            first.taken = True
             return first
         # Budgets and token allowances guard spend: a call priced at $0 (the offline
         # extractive provider, a local model priced 0) is not metered against them.
@@ -257,7 +262,9 @@ class Meter:
         """Settle whatever an unexpected exception left open, as the worst case: it may be paid."""
         for ticket in self._tickets:
             if not ticket.settled:
-                self.settle(ticket, completion=None, error=ProviderTimeoutError("unknown"))
+                # Taken but never settled: the call may have reached the provider.
+                unknown = ProviderTimeoutError("unknown") if ticket.taken else None
+                self.settle(ticket, completion=None, error=unknown)
 
     @property
     def cost_usd(self) -> Decimal:
