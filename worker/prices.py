@@ -234,8 +234,11 @@ def genai_models(now: datetime | None = None) -> _Entries:
         for info in provider.models:
             rates = info.get_prices(when)
             price_in, price_out = _base(rates.input_mtok), _base(rates.output_mtok)
-            # Embedding, image and audio models have no text-in/text-out price.
+            # Embedding, image and audio models have no text-in/text-out price; Google
+            # also lists the Claude models Vertex resells, which Gemini's API does not serve.
             if price_in is None or price_out is None or info.id in entries.fields:
+                continue
+            if ours == "gemini" and not info.id.startswith(("gemini", "gemma")):
                 continue
             entries.fields[info.id] = {
                 "provider": ours,
