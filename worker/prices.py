@@ -251,7 +251,11 @@ def genai_models(now: datetime | None = None) -> _Entries:
                 "source": GENAI_PRICES,
                 **capabilities(ours, info.id),
             }
-            entries.exact[info.id] = rates
+            tiered = (rates.input_mtok, rates.output_mtok, rates.cache_read_mtok)
+            if any(isinstance(rate, genai.TieredPrices) for rate in tiered):
+                # Flat rates give the same Decimal by llmq's formula, ~50x faster than
+                # genai-prices' unit registry; tiers need its arithmetic.
+                entries.exact[info.id] = rates
     return entries
 
 
@@ -299,12 +303,12 @@ def _merge(entries: _Entries, data: dict[str, Any], source: str) -> None:
         base = entries.fields.get(known or "", {})
         entries.fields[name] = {**base, **entry}
         entries.named.add(name)
-        if known in entries.exact and not PRICE_FIELDS & entry.keys():
-            entries.exact[name] = entries.exact[known]
-        else:
+        if PRICE_FIELDS & entry.keys():
             # A correction of a price: llmq's fields, not genai-prices' rates, price it.
             entries.exact.pop(name, None)
             entries.fields[name]["source"] = "llmq"
+        elif known in entries.exact:
+            entries.exact[name] = entries.exact[known]
 
 
 def _build(entries: _Entries, sources: list[str]) -> dict[str, ModelPrice]:
