@@ -82,6 +82,7 @@ def test_anthropic_gets_its_own_names_for_them(
     )
     body = fake.seen[0].body
     assert body["stop_sequences"] == ["###"] and body["top_p"] == 0.8
+    assert "temperature" not in body  # Claude 4.5 takes one of them, not both
     assert body["metadata"] == {"user_id": "end-user-7"}  # never the job's tags
     assert "stop" not in body and "seed" not in body
 
@@ -97,6 +98,7 @@ def test_anthropic_gets_its_own_names_for_them(
         ),
         ("anthropic", {"reasoning_effort": "low"}, ["reasoning_effort"]),
         ("anthropic", {"temperature": 1.5}, ["temperature"]),
+        ("anthropic", {"temperature": 0.5, "top_p": 0.9}, ["top_p"]),
         ("openai", {"reasoning_effort": "low"}, ["reasoning_effort"]),  # gpt-4o-mini
         ("openai", {"thinking": {"budget_tokens": 2048}}, ["thinking"]),
         ("openai", {"model": "gpt-5-mini", "temperature": 0.2}, ["temperature"]),

@@ -194,7 +194,7 @@ JOBS: dict[str, tuple[list[dict[str, str]], dict[str, Any]]] = {
     ),
     "anthropic stop/top_p": (
         ASK,
-        {"model": "claude-haiku-4-5", "stop": ["\n\nHuman:"], "top_p": 0.9, "temperature": 0.5},
+        {"model": "claude-haiku-4-5", "stop": ["\n\nHuman:"], "top_p": 0.9},
     ),
     "anthropic thinking": (
         ASK,

@@ -147,6 +147,8 @@ def check_supported(options: RequestOptions, *, model: str, price: ModelPrice) -
         _check_thinking(options, model=model, price=price, problems=problems)
     if provider == "anthropic" and (options.temperature or 0) > 1:
         problems["temperature"] = "anthropic takes a temperature from 0 to 1"
+    if provider == "anthropic" and None not in (options.temperature, options.top_p):
+        problems["top_p"] = "anthropic takes temperature or top_p, not both"
     if problems:
         raise UnsupportedOptionError(
             f"{provider} ({model}) cannot honour "

@@ -74,7 +74,9 @@ def request_body(request: ProviderRequest) -> dict[str, Any]:
     if options.thinking_budget is not None:
         # Extended thinking takes only the default temperature: none is sent.
         body["thinking"] = {"type": "enabled", "budget_tokens": options.thinking_budget}
-    else:
+    elif options.top_p is None or options.temperature is not None:
+        # Claude 4.5 models take temperature or top_p, not both: a job that sets top_p
+        # alone is sent no default temperature.
         extra["temperature"] = request.temperature
     if options.top_p is not None:
         extra["top_p"] = options.top_p
