@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import genai_prices
 import pytest
 
+from tests.harness import Worker
 from worker.errors import ConfigurationError, UnknownModelError
 from worker.models import Usage
 from worker.prices import GENAI_PRICES, GENAI_PROVIDERS, PACKAGED, load_prices
@@ -231,3 +233,29 @@ def test_a_model_genai_prices_cannot_size_needs_a_file(tmp_path: Path) -> None:
     incomplete.write_text('[models."my-local-llm"]\nprovider = "openai"\ninput = 0\n')
     with pytest.raises(ConfigurationError, match="my-local-llm"):
         load_prices(str(incomplete))
+
+
+def test_an_unpriced_model_stops_the_worker_at_start_up(
+    worker_env: dict[str, str], run_dir: Path, app: Any, tmp_path: Path
+) -> None:
+    env = {**worker_env, "LLM_OPENAI_MODEL": "gpt-17-ultra"}
+    refused = Worker(env, run_dir, queues="unpriced")
+    try:
+        status = refused.process.wait(timeout=60)
+    finally:
+        refused.stop()
+    assert status == 78
+    assert (
+        "Unknown model 'gpt-17-ultra'" in refused.output() and "LLM_PRICES_FILE" in refused.output()
+    )
+    # Priced in the user's file, the same model starts.
+    path = tmp_path / "gpt17.toml"
+    path.write_text(
+        '[models."gpt-17-ultra"]\nprovider = "openai"\ninput = 1\noutput = 2\n'
+        "context_window = 32000\nmax_output_tokens = 4000\n"
+    )
+    started = Worker({**env, "LLM_PRICES_FILE": str(path)}, run_dir, queues="unpriced")
+    try:
+        started.wait_ready(app)
+    finally:
+        started.stop()
