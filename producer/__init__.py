@@ -3,40 +3,154 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 from celery.result import AsyncResult
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from producer.cached import CachedResult, lookup
+from producer.structured import ParsedResult, response_format_for, strict_schema
 from worker.app import app
 from worker.constants import COMPLETE_TASK, QUEUE
 from worker.idempotency import task_id_for
-from worker.models import CompletionJob
+from worker.models import CompletionJob, ReasoningEffort, Thinking
 
-__all__ = ["CachedResult", "app", "submit"]
+__all__ = ["CachedResult", "ParsedResult", "app", "strict_schema", "submit"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@overload
+def submit(
+    messages: list[dict[str, str]],
+    user_id: str,
+    *,
+    response_model: type[M],
+    queue: str = ...,
+    countdown: float | None = ...,
+    check_cache: bool = ...,
+    model: str | None = ...,
+    temperature: float | None = ...,
+    max_tokens: int | None = ...,
+    request_id: str | None = ...,
+    cache: bool | None = ...,
+    trim: bool = ...,
+    on_truncation: Literal["fail", "retry_larger", "accept"] | None = ...,
+    on_limit: Literal["fail", "defer"] | None = ...,
+    stop: str | list[str] | None = ...,
+    seed: int | None = ...,
+    top_p: float | None = ...,
+    presence_penalty: float | None = ...,
+    frequency_penalty: float | None = ...,
+    reasoning_effort: ReasoningEffort | None = ...,
+    thinking: Thinking | dict[str, int] | None = ...,
+    response_format: None = ...,
+    user: str | None = ...,
+    metadata: dict[str, str] | None = ...,
+) -> ParsedResult[M]: ...
+
+
+@overload
+def submit(
+    messages: list[dict[str, str]],
+    user_id: str,
+    *,
+    response_model: None = ...,
+    queue: str = ...,
+    countdown: float | None = ...,
+    check_cache: bool = ...,
+    model: str | None = ...,
+    temperature: float | None = ...,
+    max_tokens: int | None = ...,
+    request_id: str | None = ...,
+    cache: bool | None = ...,
+    trim: bool = ...,
+    on_truncation: Literal["fail", "retry_larger", "accept"] | None = ...,
+    on_limit: Literal["fail", "defer"] | None = ...,
+    stop: str | list[str] | None = ...,
+    seed: int | None = ...,
+    top_p: float | None = ...,
+    presence_penalty: float | None = ...,
+    frequency_penalty: float | None = ...,
+    reasoning_effort: ReasoningEffort | None = ...,
+    thinking: Thinking | dict[str, int] | None = ...,
+    response_format: dict[str, Any] | None = ...,
+    user: str | None = ...,
+    metadata: dict[str, str] | None = ...,
+) -> AsyncResult | CachedResult: ...
 
 
 def submit(
     messages: list[dict[str, str]],
     user_id: str,
     *,
+    response_model: type[M] | None = None,
     queue: str = QUEUE,
     countdown: float | None = None,
     check_cache: bool = True,
-    **options: Any,
-) -> AsyncResult | CachedResult:
-    """Enqueue an `llm.complete` job; `options` are model, temperature, max_tokens,
-    request_id, cache, trim, on_truncation, on_limit.
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    request_id: str | None = None,
+    cache: bool | None = None,
+    trim: bool = False,
+    on_truncation: Literal["fail", "retry_larger", "accept"] | None = None,
+    on_limit: Literal["fail", "defer"] | None = None,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
+    top_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    reasoning_effort: ReasoningEffort | None = None,
+    thinking: Thinking | dict[str, int] | None = None,
+    response_format: dict[str, Any] | None = None,
+    user: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> ParsedResult[M] | AsyncResult | CachedResult:
+    """Enqueue an `llm.complete` job; every option is the job field of the same name
+    (README, "Job reference"), sent only when given.
+
+    `response_model` (a Pydantic model) asks for answers in its strict JSON schema and
+    returns a `ParsedResult`, whose `get_parsed()` gives an instance of it.
 
     Unless `check_cache=False`, a job whose answer is already known comes back resolved
     and is not sent: a cacheable job found in the response cache, or a re-submitted
     request_id whose result is stored (for the same user and the same request).
     """
+    if response_model is not None:
+        response_format = response_format_for(response_model)
+    fields: dict[str, Any] = {
+        "model": model,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "cache": cache,
+        "trim": trim or None,
+        "on_truncation": on_truncation,
+        "on_limit": on_limit,
+        "stop": stop,
+        "seed": seed,
+        "top_p": top_p,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "reasoning_effort": reasoning_effort,
+        "thinking": thinking.model_dump() if isinstance(thinking, Thinking) else thinking,
+        "response_format": response_format,
+        "user": user,
+        "metadata": metadata,
+    }
+    # What was not given is not sent: the worker's defaults apply, as for any producer.
+    options = {name: value for name, value in fields.items() if value is not None}
     # A caller's own request_id may be a retry of an earlier submission.
-    replay = "request_id" in options
-    options.setdefault("request_id", uuid.uuid4().hex)
+    replay = request_id is not None
+    options["request_id"] = request_id if request_id is not None else uuid.uuid4().hex
     kwargs = {"messages": messages, "user_id": user_id, **options}
+    handle = _send(kwargs, queue=queue, countdown=countdown, check_cache=check_cache, replay=replay)
+    return handle if response_model is None else ParsedResult(handle, response_model)
+
+
+def _send(
+    kwargs: dict[str, Any], *, queue: str, countdown: float | None, check_cache: bool, replay: bool
+) -> AsyncResult | CachedResult:
     try:
         job: CompletionJob | None = CompletionJob.model_validate(kwargs)
     except ValidationError:

@@ -1,8 +1,9 @@
 """A fake LLM provider on 127.0.0.1 speaking OpenAI Chat Completions and Anthropic Messages.
 
 Built on pytest-httpserver (werkzeug). It counts requests per API, returns known
-usage, and plays scripted faults: status codes with headers, delays, truncation,
-malformed JSON.
+usage (reasoning tokens and cache writes too), and plays scripted faults: status codes
+with headers, delays, truncation, malformed JSON, a given answer text, a refusal. An
+Anthropic request that forces a tool gets the answer as that tool's input.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Fault:
     delay: float = 0.0
     finish_reason: str | None = None
     malformed: bool = False
+    text: str | None = None  # this answer's text instead of the fake's `text`
+    refusal: str | None = None  # decline to answer, with these words
 
 
 @dataclass
@@ -70,7 +73,13 @@ class FakeProvider:
             self.faults: dict[str, deque[Fault]] = {}
             self.always: dict[str, Fault] = {}
             self.text = TEXT
-            self.usage = {"input_tokens": 11, "output_tokens": 7, "cached_input_tokens": 0}
+            self.usage = {
+                "input_tokens": 11,
+                "output_tokens": 7,
+                "cached_input_tokens": 0,
+                "cache_write_input_tokens": 0,
+                "reasoning_tokens": 0,
+            }
 
     def script(self, api: str, *faults: Fault) -> None:
         """Play `faults` on the next requests to `api` (openai, anthropic, gemini)."""
@@ -115,6 +124,7 @@ class FakeProvider:
             queue = self.faults.get(api)
             fault = queue.popleft() if queue else self.always.get(api, Fault())
             text, usage = self.text, dict(self.usage)
+        text = fault.text if fault.text is not None else text
         if fault.delay:
             time.sleep(fault.delay)
         if fault.malformed:
@@ -131,7 +141,7 @@ class FakeProvider:
             return Response(fault.body, 200, headers=fault.headers, content_type="application/json")
         answer = _anthropic if api == "anthropic" else _openai
         return Response(
-            json.dumps(answer(body, text, usage, fault.finish_reason)),
+            json.dumps(answer(body, text, usage, fault.finish_reason, fault.refusal)),
             200,
             headers=fault.headers,
             content_type="application/json",
@@ -146,7 +156,13 @@ def _api(path: str) -> str:
     return "openai"
 
 
-def _openai(body: dict[str, Any], text: str, usage: dict[str, int], finish: str | None) -> Any:
+def _openai(
+    body: dict[str, Any],
+    text: str,
+    usage: dict[str, int],
+    finish: str | None,
+    refusal: str | None = None,
+) -> Any:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -155,7 +171,11 @@ def _openai(body: dict[str, Any], text: str, usage: dict[str, int], finish: str 
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": {
+                    "role": "assistant",
+                    "content": None if refusal else text,
+                    "refusal": refusal,
+                },
                 "finish_reason": finish or "stop",
             }
         ],
@@ -164,24 +184,44 @@ def _openai(body: dict[str, Any], text: str, usage: dict[str, int], finish: str 
             "completion_tokens": usage["output_tokens"],
             "total_tokens": usage["input_tokens"] + usage["output_tokens"],
             "prompt_tokens_details": {"cached_tokens": usage["cached_input_tokens"]},
+            "completion_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
         },
     }
 
 
-def _anthropic(body: dict[str, Any], text: str, usage: dict[str, int], finish: str | None) -> Any:
+def _anthropic(
+    body: dict[str, Any],
+    text: str,
+    usage: dict[str, int],
+    finish: str | None,
+    refusal: str | None = None,
+) -> Any:
     stop = {"length": "max_tokens", None: "end_turn"}.get(finish, finish)
+    content: list[dict[str, Any]] = [{"type": "text", "text": refusal or text}]
+    forced = body.get("tool_choice") or {}
+    if forced.get("type") == "tool" and not refusal:
+        # A forced tool call: the answer, parsed, is the tool's input (an object).
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = {"text": text}
+        content = [{"type": "tool_use", "id": "toolu_fake", "name": forced["name"], "input": value}]
+        stop = "tool_use" if finish is None else stop
+    if refusal:
+        stop = "refusal"
+    cached, written = usage["cached_input_tokens"], usage.get("cache_write_input_tokens", 0)
     return {
         "id": "msg_fake",
         "type": "message",
         "role": "assistant",
         "model": body.get("model", "unknown"),
-        "content": [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": {
-            "input_tokens": usage["input_tokens"] - usage["cached_input_tokens"],
+            "input_tokens": usage["input_tokens"] - cached - written,
             "output_tokens": usage["output_tokens"],
-            "cache_read_input_tokens": usage["cached_input_tokens"],
-            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": written,
         },
     }

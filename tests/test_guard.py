@@ -356,8 +356,12 @@ def test_unknown_model_fallback_prices_conservatively_and_warns(
         queue=_queue(small_window_worker),
     ).get(timeout=30)
     assert fake.seen[0].body["model"] == model
-    # The highest rates on record (claude-sonnet-4-5: $3 in, $15 out), no cache discount.
-    assert result["cost_usd"] == pytest.approx(1000 * 3e-6 + 100 * 15e-6, abs=1e-12)
+    # The highest rates on record (of every model genai-prices and llmq know), no cache
+    # discount.
+    fallback = load_prices().fallback_price("openai")
+    assert fallback.input >= load_prices().get("gpt-4o").input
+    expected = (1000 * fallback.input + 100 * fallback.output) / Decimal(10**6)
+    assert result["cost_usd"] == pytest.approx(float(expected), abs=1e-12)
     warnings = [
         r
         for r in _records(small_window_worker)

@@ -1,16 +1,19 @@
-"""The price table: packaged data, user overrides, unknown models, exact cached pricing."""
+"""The price table: genai-prices' data, llmq's overrides, unknown models, exact cache pricing."""
 
 from __future__ import annotations
 
 import logging
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import genai_prices
 import pytest
 
+from tests.harness import Worker
 from worker.errors import ConfigurationError, UnknownModelError
 from worker.models import Usage
-from worker.prices import PACKAGED, load_prices
+from worker.prices import GENAI_PRICES, GENAI_PROVIDERS, PACKAGED, load_prices
 
 REQUIRED = [
     "gpt-4o-mini",
@@ -25,13 +28,13 @@ REQUIRED = [
 
 def test_packaged_table_covers_the_required_models() -> None:
     prices = load_prices()
-    assert prices.as_of and prices.sources == [PACKAGED]
+    assert prices.as_of and prices.sources == [GENAI_PRICES, PACKAGED]
     for model in REQUIRED:
         price = prices.get(model)
         assert price.input > 0 and price.output > price.input
         assert price.cached_input is not None and price.cached_input < price.input
-        assert price.batch_input is not None and price.batch_output is not None
         assert price.context_window > price.max_output_tokens > 0
+        assert price.source == GENAI_PRICES
     free = prices.get("extractive")
     assert (free.input, free.output, free.cached_input) == (0, 0, 0)
 
@@ -86,6 +89,10 @@ def test_user_file_extends_and_overrides(tmp_path: Path) -> None:
     assert prices.get("llama-3.1-8b").context_window == 8192
     assert prices.get("gpt-4o").input == Decimal("2.5")  # the packaged rest stays
     assert prices.as_of == "2026-01-01" and prices.sources[-1] == str(path)
+    # A corrected price is llmq's formula now, not genai-prices' rates.
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    assert prices.get("gpt-4o-mini").cost(usage) == Decimal("1.0")
+    assert prices.get("gpt-4o-mini").source == "llmq"
 
 
 def test_bad_user_file_is_a_configuration_error(tmp_path: Path) -> None:
@@ -93,7 +100,7 @@ def test_bad_user_file_is_a_configuration_error(tmp_path: Path) -> None:
         load_prices(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"models": {"x": {"provider": "openai", "input": -1}}}')
-    with pytest.raises(ConfigurationError, match="Invalid price file"):
+    with pytest.raises(ConfigurationError, match="Invalid price file entry"):
         load_prices(str(bad))
 
 
@@ -114,8 +121,9 @@ def test_fallback_prices_unknown_models_conservatively_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="llmq.prices"):
         price = prices.get("claude-opus-9")
     assert price.provider == "anthropic"  # told from the name
-    assert price.input == max(p.input for p in known) == Decimal("3.0")
-    assert price.output == max(p.output for p in known) == Decimal("15.0")
+    assert price.input == max(p.input for p in known)
+    assert price.output == max(p.output for p in known)
+    assert price.input >= load_prices().get("claude-sonnet-4-5").input
     assert price.cached_input is None  # no discount assumed
     assert price.context_window == min(p.context_window for p in known)
     assert price.max_output_tokens == min(p.max_output_tokens for p in known)
@@ -133,3 +141,121 @@ def test_fallback_uses_the_serving_provider_when_the_name_says_nothing() -> None
     assert prices.get("llama-3.1-local").provider == "openai"
     with pytest.raises(UnknownModelError, match="cannot be told from its name"):
         prices.get("mystery-model")
+
+
+def _genai(model: str, provider: str, **usage: int) -> Decimal:
+    calculation = genai_prices.calc_price(
+        genai_prices.Usage(**usage), model, provider_id=GENAI_PROVIDERS[provider]
+    )
+    return Decimal(calculation.total_price)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [
+        ("gpt-4o-mini", "openai"),
+        ("gpt-5-mini", "openai"),
+        ("o4-mini", "openai"),
+        ("claude-haiku-4-5", "anthropic"),
+        ("claude-sonnet-4-5", "anthropic"),
+        ("gemini-2.5-flash", "gemini"),
+    ],
+)
+def test_every_price_is_genai_prices_own(model: str, provider: str) -> None:
+    usage = Usage(
+        input_tokens=123_457,
+        output_tokens=9_871,
+        cached_input_tokens=50_003,
+        cache_write_input_tokens=20_011 if provider == "anthropic" else 0,
+        reasoning_tokens=4_000,
+    )
+    expected = _genai(
+        model,
+        provider,
+        input_tokens=usage.input_tokens,
+        cache_read_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_input_tokens,
+        output_tokens=usage.output_tokens,
+    )
+    assert abs(load_prices().get(model).cost(usage) - expected) < Decimal("1e-9")
+
+
+def test_anthropic_cache_writes_cost_the_cache_write_rate() -> None:
+    # claude-haiku-4-5: $1 in, $0.10 cache read, $1.25 cache write, $5 out per 1M.
+    price = load_prices().get("claude-haiku-4-5")
+    assert (price.cached_input, price.cache_write_input) == (Decimal("0.1"), Decimal("1.25"))
+    usage = Usage(
+        input_tokens=10_000,
+        output_tokens=100,
+        cached_input_tokens=6_000,
+        cache_write_input_tokens=3_000,
+    )
+    expected = (1_000 * 1 + 6_000 * Decimal("0.1") + 3_000 * Decimal("1.25") + 100 * 5) / 10**6
+    assert price.cost(usage) == expected == Decimal("0.00585")
+
+
+def test_tiers_apply_past_their_threshold() -> None:
+    # gemini-2.5-pro: $1.25 in / $10 out up to 200k input tokens, $2.5 / $15 beyond.
+    price = load_prices().get("gemini-2.5-pro")
+    assert price.input == Decimal("1.25") and price.context_window == 1_048_576
+    small = price.worst_case(input_tokens=200_000, output_tokens=1_000)
+    large = price.worst_case(input_tokens=200_001, output_tokens=1_000)
+    assert small == (200_000 * Decimal("1.25") + 1_000 * 10) / 10**6
+    assert large == (200_001 * Decimal("2.5") + 1_000 * 15) / 10**6
+
+
+def test_reasoning_capabilities_come_with_the_model_data() -> None:
+    prices = load_prices()
+    assert (
+        prices.get("gpt-5-mini").reasoning
+        and "minimal" in prices.get("gpt-5-mini").reasoning_efforts
+    )
+    assert prices.get("o4-mini").reasoning
+    assert (
+        not prices.get("gpt-4o-mini").reasoning and not prices.get("gpt-4o-mini").reasoning_efforts
+    )
+    assert (
+        prices.get("claude-haiku-4-5").thinking
+        and prices.get("claude-haiku-4-5").structured_outputs
+    )
+    assert not prices.get("claude-3-5-haiku").thinking
+
+
+def test_a_model_genai_prices_cannot_size_needs_a_file(tmp_path: Path) -> None:
+    # genai-prices prices gemini-2.5-flash-preview but has no context window for it.
+    with pytest.raises(UnknownModelError):
+        load_prices().get("gemini-2.5-flash-preview")
+    path = tmp_path / "window.toml"
+    path.write_text('[models."gemini-2.5-flash-preview"]\ncontext_window = 1048576\n')
+    price = load_prices(str(path)).get("gemini-2.5-flash-preview")
+    assert price.context_window == 1_048_576 and price.source == GENAI_PRICES
+    incomplete = tmp_path / "incomplete.toml"
+    incomplete.write_text('[models."my-local-llm"]\nprovider = "openai"\ninput = 0\n')
+    with pytest.raises(ConfigurationError, match="my-local-llm"):
+        load_prices(str(incomplete))
+
+
+def test_an_unpriced_model_stops_the_worker_at_start_up(
+    worker_env: dict[str, str], run_dir: Path, app: Any, tmp_path: Path
+) -> None:
+    env = {**worker_env, "LLM_OPENAI_MODEL": "gpt-17-ultra"}
+    refused = Worker(env, run_dir, queues="unpriced")
+    try:
+        status = refused.process.wait(timeout=60)
+    finally:
+        refused.stop()
+    assert status == 78
+    assert (
+        "Unknown model 'gpt-17-ultra'" in refused.output() and "LLM_PRICES_FILE" in refused.output()
+    )
+    # Priced in the user's file, the same model starts.
+    path = tmp_path / "gpt17.toml"
+    path.write_text(
+        '[models."gpt-17-ultra"]\nprovider = "openai"\ninput = 1\noutput = 2\n'
+        "context_window = 32000\nmax_output_tokens = 4000\n"
+    )
+    started = Worker({**env, "LLM_PRICES_FILE": str(path)}, run_dir, queues="unpriced")
+    try:
+        started.wait_ready(app)
+    finally:
+        started.stop()

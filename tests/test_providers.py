@@ -46,6 +46,8 @@ def test_openai_normalizes_answer(fake: FakeProvider, openai_provider: OpenAIPro
         "input_tokens": 40,
         "output_tokens": 9,
         "cached_input_tokens": 32,
+        "cache_write_input_tokens": 0,
+        "reasoning_tokens": 0,
     }
     body = fake.seen[0].body
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -63,6 +65,8 @@ def test_anthropic_normalizes_answer(
         "input_tokens": 40,
         "output_tokens": 9,
         "cached_input_tokens": 30,
+        "cache_write_input_tokens": 0,
+        "reasoning_tokens": 0,
     }
     body = fake.seen[0].body
     assert body["system"] == "Be brief." and body["temperature"] == 0.3
@@ -169,3 +173,36 @@ def test_extractive_is_deterministic_and_offline() -> None:
     # ... a first sentence cut short is not.
     cut = summary(2)
     assert cut.finish_reason == "length" and cut.usage.output_tokens <= 2
+
+
+def test_gemini_path_gets_its_own_structured_shape() -> None:
+    from worker.models import CompletionJob
+    from worker.options import RequestOptions
+    from worker.providers.openai import request_body
+
+    job = CompletionJob.model_validate(
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "user_id": "u",
+            "user": "end-user",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True},
+            },
+        }
+    )
+    options = RequestOptions.from_job(job)
+    gemini = request_body(request(model="gemini-2.5-flash", options=options), provider="gemini")
+    openai = request_body(request(options=options), provider="openai")
+    assert gemini["response_format"]["json_schema"] == {"name": "a", "schema": {"type": "object"}}
+    assert openai["response_format"]["json_schema"]["strict"] is True
+    assert "safety_identifier" not in gemini and openai["safety_identifier"] == "end-user"
+
+
+def test_anthropic_refusal_is_not_text(
+    fake: FakeProvider, anthropic_provider: AnthropicProvider
+) -> None:
+    fake.script("anthropic", Fault(refusal="No."))
+    completion = anthropic_provider.complete(request(model="claude-haiku-4-5"))
+    assert completion.refusal == "No." and completion.text == ""
+    assert completion.finish_reason == "content_filter"

@@ -20,7 +20,11 @@ PREFIX = CACHE
 
 # Job fields that never change the answer; every other field is part of the key, so a
 # sampling option added to CompletionJob later can only split the cache, never collide.
-NOT_IN_KEY = frozenset({"user_id", "request_id", "cache", "messages", "model", "max_tokens"})
+# `metadata` (log tags) and `user` (the end user, for the provider's abuse checks) do not
+# change the answer either: users share answers as they share any other cached one.
+NOT_IN_KEY = frozenset(
+    {"user_id", "request_id", "cache", "messages", "model", "max_tokens", "metadata", "user"}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +56,8 @@ def cache_request(
     price = prices.get(model)
     max_tokens = min(job.max_tokens or settings.max_tokens, price.max_output_tokens)
     fields: dict[str, Any] = {
-        **job.model_dump(exclude=set(NOT_IN_KEY)),
+        # The schema is in here (response_format): another schema is another answer.
+        **job.options_dump(exclude=NOT_IN_KEY),
         "provider": price.provider,
         "model": model,
         "max_tokens": max_tokens,

@@ -1,7 +1,8 @@
 """One exception class per failure kind.
 
-Every class takes a single message argument so Celery's JSON result backend can
-rebuild it on the producer side (it stores the class name, module and args).
+Every class takes a message and, optionally, a JSON-able dict of its fields, both kept
+in `args`: Celery's JSON result backend stores the class name, module and args, and
+rebuilds the error on the producer side as `cls(*args)`, so the fields arrive intact.
 Messages never quote prompt text, and configured secrets are masked in every one
 (a provider may echo the API key in its error body).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,10 +21,19 @@ if TYPE_CHECKING:
 class LLMQError(Exception):
     """Base class of every error llmq raises on purpose."""
 
-    def __init__(self, message: str = "", *args: Any) -> None:
+    def __init__(self, message: str = "", details: Mapping[str, Any] | None = None) -> None:
         from worker.secrets import scrub
 
-        super().__init__(scrub(str(message)), *args)
+        # The fields travel as the second arg, and only when there are any, so an error
+        # stored by a worker of an older release (one arg) is rebuilt the same way.
+        self.details: dict[str, Any] = dict(details or {})
+        if self.details:
+            super().__init__(scrub(str(message)), self.details)
+        else:
+            super().__init__(scrub(str(message)))
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ConfigurationError(LLMQError):
@@ -50,11 +61,12 @@ class ContextWindowExceededError(InvalidJobError):
 
 
 class RateLimitedError(LLMQError):
-    """A global rate limit rejected the job; the message carries the numbers.
+    """A global rate limit rejected the job; `limit_name`, `usage`, `requested`, `limit`
+    and `retry_after` (seconds, `math.inf` when the job can never fit) say which and when.
 
-    Celery rebuilds this from its message alone, so the numbers are parsed back
-    out of it: `limit_name`, `usage`, `requested`, `limit`, `retry_after` (seconds,
-    `math.inf` when the job can never fit: `retry_after=never`).
+    Built from a message that ends with their tag (worker/limits.py writes it), the fields
+    also travel as a dict beside the message, so the result backend rebuilds them as they
+    were; an error from an older worker (message only) is parsed as before.
     """
 
     _FIELDS = re.compile(
@@ -62,17 +74,32 @@ class RateLimitedError(LLMQError):
         r"limit_value=(?P<limit>\d+) retry_after=(?:(?P<retry_after>[\d.]+)s|never)\]"
     )
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        found = self._FIELDS.search(message)
-        self.limit_name: str | None = found["limit_name"] if found else None
-        self.usage: int | None = int(found["usage"]) if found else None
-        self.requested: int | None = int(found["requested"]) if found else None
-        self.limit: int | None = int(found["limit"]) if found else None
-        self.retry_after: float | None = None
-        if found:
-            seconds = found["retry_after"]
-            self.retry_after = math.inf if seconds is None else float(seconds)
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        if details is None:
+            found = self._FIELDS.search(message)
+            details = (
+                {
+                    "limit_name": found["limit_name"],
+                    "usage": int(found["usage"]),
+                    "requested": int(found["requested"]),
+                    "limit": int(found["limit"]),
+                    # JSON has no infinity: a job that can never fit says so.
+                    "retry_after": None
+                    if found["retry_after"] is None
+                    else float(found["retry_after"]),
+                    "never": found["retry_after"] is None,
+                }
+                if found
+                else {}
+            )
+        super().__init__(message, details)
+        self.limit_name: str | None = self.details.get("limit_name")
+        self.usage: int | None = self.details.get("usage")
+        self.requested: int | None = self.details.get("requested")
+        self.limit: int | None = self.details.get("limit")
+        self.retry_after: float | None = (
+            math.inf if self.details.get("never") else self.details.get("retry_after")
+        )
 
 
 class JobInProgressError(LLMQError):
@@ -97,6 +124,44 @@ class StateUnavailableError(LLMQError):
 
 class UnexpectedError(LLMQError):
     """llmq hit an error it does not expect; the message names its type, never its text."""
+
+
+class UnsupportedOptionError(InvalidJobError):
+    """The job asks for an option its provider or model cannot honour; nothing was called.
+
+    Fields: `options` (the option names), `provider`, `model`.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        self.options: list[str] = list(self.details.get("options", []))
+        self.provider: str | None = self.details.get("provider")
+        self.model: str | None = self.details.get("model")
+
+
+class SchemaValidationError(LLMQError):
+    """The answer did not validate against the job's JSON schema, even after one re-ask.
+
+    Fields: `errors` (where and how the last answer failed, never its values), `attempts`.
+    Every answer was charged.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        self.errors: list[str] = list(self.details.get("errors", []))
+        self.attempts: int = int(self.details.get("attempts", 0))
+
+
+class RefusalError(LLMQError):
+    """The model declined to answer, so there is nothing to parse (producer side).
+
+    Fields: `refusal` (the model's words), `request_id`.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        self.refusal: str | None = self.details.get("refusal")
+        self.request_id: str | None = self.details.get("request_id")
 
 
 class TruncatedResponseError(LLMQError):

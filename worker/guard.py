@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from worker import tokens
 from worker.errors import BudgetExceededError, ContextWindowExceededError, InvalidJobError
 from worker.models import Message
+from worker.options import RequestOptions, check_supported, schema_tokens
 from worker.prices import ModelPrice, PriceTable
 
 # tiktoken is exact for OpenAI models only. Anthropic and Gemini use their own
@@ -29,6 +30,17 @@ class Estimate:
     # What is sent: the job's messages, or the sliding window a `trim` job kept.
     messages: list[Message]
     messages_dropped: int = 0
+    # What else the job asks of the provider (sampling options, response format).
+    options: RequestOptions = field(default_factory=RequestOptions)
+    # Of max_output_tokens: the extended-thinking budget on top of the answer's max_tokens.
+    thinking_tokens: int = 0
+    # Of input_tokens: what the response format's schema adds to the prompt.
+    schema_tokens: int = 0
+
+    @property
+    def answer_tokens(self) -> int:
+        """max_tokens for the answer itself (the job's, without a thinking budget)."""
+        return self.max_output_tokens - self.thinking_tokens
 
 
 def count_input_tokens(messages: list[Message], *, model: str, price: ModelPrice) -> int:
@@ -93,15 +105,35 @@ class CostGuard:
         return min(requested or default, price.max_output_tokens)
 
     def check(
-        self, messages: list[Message], *, model: str, max_tokens: int, trim: bool = False
+        self,
+        messages: list[Message],
+        *,
+        model: str,
+        max_tokens: int,
+        trim: bool = False,
+        options: RequestOptions | None = None,
     ) -> Estimate:
         """The worst-case estimate, or a typed error stating the numbers and the fix.
 
         With `trim`, a prompt too long for the context window is cut to a sliding
         window (system messages plus the newest turns that fit) instead of rejected.
+        `options` the model cannot honour fail with UnsupportedOptionError; a schema
+        counts as input, a thinking budget as output.
         """
         price = self.prices.get(model)
-        input_tokens = count_input_tokens(messages, model=model, price=price)
+        options = options or RequestOptions()
+        check_supported(options, model=model, price=price)
+        thinking = options.thinking_budget or 0
+        if max_tokens + thinking > price.max_output_tokens:
+            raise InvalidJobError(
+                f"max_tokens={max_tokens} plus thinking.budget_tokens={thinking} exceeds "
+                f"{model}'s maximum output of {price.max_output_tokens} tokens. Fix: lower "
+                "either, so that they add up to at most that."
+            )
+        answer_tokens = max_tokens
+        max_tokens += thinking
+        extra = schema_tokens(options, price=price)
+        input_tokens = count_input_tokens(messages, model=model, price=price) + extra
         sent = messages
         if input_tokens + max_tokens > price.context_window:
             over = input_tokens + max_tokens - price.context_window
@@ -112,8 +144,9 @@ class CostGuard:
                     "Fix: shorten the prompt, lower max_tokens, split the document, or "
                     "send trim=True to drop the oldest turns."
                 )
-            room = price.context_window - max_tokens
+            room = price.context_window - max_tokens - extra
             sent, input_tokens = sliding_window(messages, model=model, price=price, room=room)
+            input_tokens += extra
             if not sent:
                 raise ContextWindowExceededError(
                     f"Prompt of {count_input_tokens(messages, model=model, price=price)} "
@@ -126,7 +159,9 @@ class CostGuard:
         # The worst case is the model writing all `max_tokens` it may: the output
         # length is not knowable in advance, and max_tokens is the bound the provider
         # enforces, so it is the only estimate that can never be exceeded.
-        cost = (input_tokens * price.input + max_tokens * price.output) / Decimal(1_000_000)
+        # Priced as the bill would be (tiers included), all output at the output rate:
+        # reasoning and thinking tokens are billed as output.
+        cost = price.worst_case(input_tokens=input_tokens, output_tokens=max_tokens)
         if cost > self.max_cost_per_request:
             raise BudgetExceededError(
                 f"Estimated worst-case cost ${cost:.6f} ({input_tokens} input + {max_tokens} "
@@ -142,4 +177,7 @@ class CostGuard:
             price=price,
             messages=sent,
             messages_dropped=len(messages) - len(sent),
+            options=options,
+            thinking_tokens=max_tokens - answer_tokens,
+            schema_tokens=extra,
         )

@@ -278,6 +278,8 @@ class Meter:
             input_tokens=sum(c.usage.input_tokens for c in self.charges),
             output_tokens=sum(c.usage.output_tokens for c in self.charges),
             cached_input_tokens=sum(c.usage.cached_input_tokens for c in self.charges),
+            cache_write_input_tokens=sum(c.usage.cache_write_input_tokens for c in self.charges),
+            reasoning_tokens=sum(c.usage.reasoning_tokens for c in self.charges),
         )
 
     @property

@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     StrictBool,
+    StrictInt,
     StrictStr,
     field_validator,
 )
@@ -24,7 +27,29 @@ FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"
 MAX_TOKENS_CEILING = 200_000
 MAX_MESSAGES = 1_000
 # Job fields that say how to run a job, not what to answer: a retry may change them.
-NOT_IN_FINGERPRINT = frozenset({"user_id", "request_id", "cache", "on_limit"})
+# `metadata` is tags for the logs: it never reaches a provider, so it decides nothing.
+NOT_IN_FINGERPRINT = frozenset({"user_id", "request_id", "cache", "on_limit", "metadata"})
+# Job fields added with the sampling options (issue 14): keyed only when set.
+SAMPLING_OPTIONS = frozenset(
+    {
+        "stop",
+        "seed",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "reasoning_effort",
+        "thinking",
+        "response_format",
+        "user",
+        "metadata",
+    }
+)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+# OpenAI's limits on stop sequences and metadata, the strictest of the providers'.
+MAX_STOP_SEQUENCES = 4
+MAX_METADATA_KEYS = 16
+# A 64-bit signed seed, what OpenAI takes.
+SEED_BOUND = 2**63
 
 
 def valid_text(value: str) -> str:
@@ -58,6 +83,73 @@ class Message(BaseModel):
         return valid_text(content)
 
 
+class JsonSchemaSpec(BaseModel):
+    """The `json_schema` of a `json_schema` response format, as OpenAI names its parts."""
+
+    # `schema` is a BaseModel attribute, hence the alias; dumped as `schema` always, and
+    # read as either, so a job dumped by name (model_dump()) validates again.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    # The JSON Schema the answer must validate against; its root must be an object.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+    description: StrictStr | None = Field(None, max_length=2000)
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        try:
+            validator_for(schema).check_schema(schema)
+        except SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "its root"
+            raise ValueError(
+                f"is not a valid JSON Schema (at {where}: fails {exc.validator!r} of the "
+                "metaschema); fix the schema, e.g. check it with jsonschema's check_schema"
+            ) from None
+        if schema.get("type") != "object":
+            raise ValueError(
+                'must have "type": "object" at its root, as OpenAI and Anthropic require; '
+                "wrap a list or a scalar in an object property"
+            )
+        return schema
+
+
+class JsonSchemaFormat(BaseModel):
+    """`{"type": "json_schema", "json_schema": {name, schema, strict}}`: JSON of that schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class JsonObjectFormat(BaseModel):
+    """`{"type": "json_object"}`: any JSON object."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_object"]
+
+
+ResponseFormat = Annotated[JsonSchemaFormat | JsonObjectFormat, Field(discriminator="type")]
+
+
+class Thinking(BaseModel):
+    """Anthropic extended thinking: tokens the model may think in before it answers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Anthropic's minimum; they come on top of max_tokens, which stays the answer's.
+    budget_tokens: StrictInt = Field(ge=1024, le=MAX_TOKENS_CEILING)
+
+
 class CompletionJob(BaseModel):
     """The keyword arguments of `llm.complete`, validated before anything else runs."""
 
@@ -84,6 +176,68 @@ class CompletionJob(BaseModel):
     # When a rate limit is hit: fail now, or defer until it frees up (None: LLM_ON_LIMIT,
     # or LLM_BATCH_ON_LIMIT for jobs on the batch queue).
     on_limit: Literal["fail", "defer"] | None = None
+    # Sampling options: each reaches the provider in its own shape, or the job fails with
+    # UnsupportedOptionError when its provider or model cannot honour it.
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    reasoning_effort: ReasoningEffort | None = None
+    thinking: Thinking | None = None
+    # Structured output: the answer is validated and returned parsed.
+    response_format: ResponseFormat | None = None
+    # The end user, passed on where the API has a field for it (OpenAI's
+    # safety_identifier, Anthropic's metadata.user_id); 64 characters is OpenAI's limit.
+    user: StrictStr | None = Field(None, min_length=1, max_length=64)
+    # Tags for the logs (llm_call, llm_job); never sent to a provider.
+    metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=MAX_METADATA_KEYS)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str] | None:
+        sequences = [stop] if isinstance(stop, str) else stop
+        if sequences is None:
+            return None
+        if not 1 <= len(sequences) <= MAX_STOP_SEQUENCES:
+            raise ValueError(f"takes 1 to {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s or len(s) > 200 for s in sequences):
+            raise ValueError("every stop sequence must be 1 to 200 characters")
+        return [valid_text(s) for s in sequences]
+
+    @field_validator("top_p", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        # Strict floats, yet an int (1, 0) is a number too, as in JSON; a bool is not.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _tags(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if any(not k or len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+            raise ValueError("keys must be 1 to 64 characters and values at most 512")
+        for key, value in metadata.items():
+            valid_text(key)
+            valid_text(value)
+        return metadata
+
+    @field_validator("user")
+    @classmethod
+    def _end_user(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError("must be a non-blank printable string (no control characters)")
+        return value if value is None else valid_text(value)
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must validate against, if the job has one."""
+        if isinstance(self.response_format, JsonSchemaFormat):
+            return self.response_format.json_schema.schema_
+        return None
 
     @field_validator("messages")
     @classmethod
@@ -104,6 +258,15 @@ class CompletionJob(BaseModel):
             raise ValueError("must be a non-blank printable string (no control characters)")
         return valid_text(value)
 
+    def options_dump(self, *, exclude: set[str] | frozenset[str]) -> dict[str, Any]:
+        """The job's fields as JSON data, the sampling options only when set.
+
+        Unset options are left out, so a job that sets none keeps the fingerprint and
+        cache key it had before they existed (a mixed fleet, or a deploy, still agrees).
+        """
+        dumped = self.model_dump(exclude=set(exclude), by_alias=True)
+        return {k: v for k, v in dumped.items() if not (k in SAMPLING_OPTIONS and v is None)}
+
     def prompt_hash(self) -> str:
         """sha256 of the canonical JSON of the messages: stable across processes."""
         # Planned and logged for every job: hash a long document once, not twice.
@@ -114,7 +277,7 @@ class CompletionJob(BaseModel):
     def fingerprint(self) -> str:
         """sha256 of everything that decides the answer: what a request_id is bound to."""
         if self._fingerprint is None:
-            options = self.model_dump(exclude={"messages", *NOT_IN_FINGERPRINT})
+            options = self.options_dump(exclude={"messages", *NOT_IN_FINGERPRINT})
             canonical = json.dumps(
                 [self.prompt_hash(), options], sort_keys=True, separators=(",", ":")
             )
@@ -138,9 +301,16 @@ class Usage(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
+    # Every input token, cache reads and writes included.
     input_tokens: int = Field(default=0, ge=0)
+    # Every output token, reasoning (thinking) tokens included: priced as output.
     output_tokens: int = Field(default=0, ge=0)
+    # Of the input: read from the provider's prompt cache (the cache-read rate).
     cached_input_tokens: int = Field(default=0, ge=0)
+    # Of the input: written to it (Anthropic; the cache-write rate).
+    cache_write_input_tokens: int = Field(default=0, ge=0)
+    # Of the output: spent reasoning (OpenAI's completion_tokens_details).
+    reasoning_tokens: int = Field(default=0, ge=0)
 
 
 class Completion(BaseModel):
@@ -150,6 +320,10 @@ class Completion(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     model: str
+    # The model declined to answer (OpenAI's message.refusal, Anthropic's "refusal").
+    refusal: str | None = None
+    # The answer's JSON value, once validated against the job's schema.
+    parsed: Any = None
 
 
 class CompletionResult(BaseModel):
@@ -162,6 +336,8 @@ class CompletionResult(BaseModel):
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_usd: float
     latency_ms: float
     provider_latency_ms: float = 0.0
@@ -172,5 +348,9 @@ class CompletionResult(BaseModel):
     messages_dropped: int = 0
     # "worst_case" when an answer's usage was unknown and its reservation was kept as spent.
     charged_as: Literal["usage", "worst_case"] = "usage"
+    # A structured-output job's answer as JSON (validated against its schema).
+    parsed: Any = None
+    # Why the model declined, when it did (then `text` is empty and nothing is parsed).
+    refusal: str | None = None
     # Last, so Celery's truncated repr of a result still shows every number before it.
     text: str

@@ -25,6 +25,7 @@ from worker.limits import RateLimiter
 from worker.metering import Meter
 from worker.metrics import LatencyRecorder
 from worker.models import CompletionJob, CompletionResult, Usage
+from worker.options import RequestOptions
 from worker.prices import load_prices
 from worker.providers import ProviderRequest, get_provider
 from worker.resilience import Admission, Attempt, Gate, Outcome, RetryPolicy, Target, call_chain
@@ -32,6 +33,7 @@ from worker.reuse import Flight, ResultReuse, Reused
 from worker.scripts import Settlement, scripts_for
 from worker.settings import ProviderName, Settings, TruncationPolicy
 from worker.spend import SpendTracker
+from worker.structured import SchemaEnforcer
 from worker.truncation import TruncationHandler
 
 
@@ -151,6 +153,8 @@ class Pipeline:
                 outcome = self.call(plan, context, meter, gate=gate)
                 # 5b. finish_reason "length": fail, retry larger or accept
                 outcome = self.enforce_truncation(plan, context, outcome, meter, gate=gate)
+                # 5c. a structured answer validated, re-asked once if it fails
+                outcome = self.enforce_schema(plan, context, outcome, meter, gate=gate)
                 meter.close()
                 result = self.result(plan, outcome, meter, context, started)
                 # 7. One round trip: charges, circuit, stored result and cache, leases, latency.
@@ -300,6 +304,9 @@ class Pipeline:
     ) -> Outcome:
         """Step 5: the provider chain with retries and the circuit breaker, every attempt logged."""
         job = plan.job
+        # The job's tags go on its llm_job record and each llm_call: never to a provider.
+        tags = {"metadata": job.metadata} if job.metadata else {}
+        context.log_fields.update(tags)
 
         def record(attempt: Attempt) -> None:
             charge = attempt.charge
@@ -325,6 +332,7 @@ class Pipeline:
                 wait_seconds=attempt.wait_seconds,
                 probe=attempt.probe,
                 prompt_hash=plan.prompt_hash,
+                **tags,
             )
 
         targets = [
@@ -336,6 +344,9 @@ class Pipeline:
                     max_tokens=c.estimate.max_output_tokens,
                     temperature=plan.temperature,
                     timeout=self.settings.timeout_seconds,
+                    options=c.estimate.options,
+                    reasoning=c.estimate.price.reasoning,
+                    native_schema=c.estimate.price.structured_outputs,
                 ),
                 estimate=c.estimate,
             )
@@ -379,6 +390,30 @@ class Pipeline:
             user_id=plan.job.user_id,
         )
 
+    def enforce_schema(
+        self,
+        plan: Plan,
+        context: JobContext,
+        outcome: Outcome,
+        meter: Meter,
+        *,
+        gate: Gate | None = None,
+    ) -> Outcome:
+        """Step 5c: a structured answer validated and parsed (worker/structured.py)."""
+        served = next(c for c in plan.candidates if c.provider == outcome.provider)
+        return SchemaEnforcer(self.guard).enforce(
+            outcome,
+            estimate=served.estimate,
+            # The re-ask is admitted and charged like any other attempt.
+            retry=lambda again: self.call(
+                plan,
+                context,
+                meter,
+                [Candidate(provider=served.provider, estimate=again)],
+                gate=gate,
+            ),
+        )
+
     def result(
         self, plan: Plan, outcome: Outcome, meter: Meter, context: JobContext, started: float
     ) -> CompletionResult:
@@ -394,6 +429,10 @@ class Pipeline:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            parsed=outcome.completion.parsed,
+            refusal=outcome.completion.refusal,
             cost_usd=float(round(meter.cost_usd, 10)),
             charged_as=meter.charged_as,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -506,7 +545,11 @@ class Pipeline:
                     job.max_tokens or self.settings.max_tokens,
                 )
                 estimate = self.guard.check(
-                    job.messages, model=model, max_tokens=max_tokens, trim=job.trim
+                    job.messages,
+                    model=model,
+                    max_tokens=max_tokens,
+                    trim=job.trim,
+                    options=RequestOptions.from_job(job),
                 )
             except LLMQError as exc:
                 if position == 0:

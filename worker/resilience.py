@@ -74,6 +74,8 @@ class Outcome:
             input_tokens=sum(c.usage.input_tokens for c in answers),
             output_tokens=sum(c.usage.output_tokens for c in answers),
             cached_input_tokens=sum(c.usage.cached_input_tokens for c in answers),
+            cache_write_input_tokens=sum(c.usage.cache_write_input_tokens for c in answers),
+            reasoning_tokens=sum(c.usage.reasoning_tokens for c in answers),
         )
 
 

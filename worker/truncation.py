@@ -67,8 +67,10 @@ class TruncationHandler:
 
     def larger(self, messages: list[Message], estimate: Estimate) -> Estimate:
         """A priced estimate with more max_tokens, or TruncatedResponseError saying why not."""
-        current = estimate.max_output_tokens
-        wanted = min(math.ceil(current * self.factor), estimate.price.max_output_tokens)
+        # The answer's max_tokens grows; a thinking budget stays what the job asked.
+        current = estimate.answer_tokens
+        room = estimate.price.max_output_tokens - estimate.thinking_tokens
+        wanted = min(math.ceil(current * self.factor), room)
         if wanted <= current:
             raise TruncatedResponseError(
                 f"{estimate.model} stopped at max_tokens={current}, already its maximum "
@@ -76,7 +78,9 @@ class TruncationHandler:
                 "the prompt or ask for a shorter answer."
             )
         try:
-            return self.guard.check(messages, model=estimate.model, max_tokens=wanted)
+            return self.guard.check(
+                messages, model=estimate.model, max_tokens=wanted, options=estimate.options
+            )
         except LLMQError as exc:
             raise TruncatedResponseError(
                 f"{estimate.model} stopped at max_tokens={current}, and the larger retry "

@@ -56,6 +56,53 @@ def to_anthropic(messages: list[Message]) -> tuple[str | None, list[dict[str, st
     return system, turns
 
 
+# The tool a model without native structured outputs is made to call with its answer.
+ANSWER_TOOL = "answer"
+
+
+def request_body(request: ProviderRequest) -> dict[str, Any]:
+    """The Messages API arguments for `request`, in Anthropic's shape."""
+    options = request.options
+    system, turns = to_anthropic(request.messages)
+    body: dict[str, Any] = {"model": request.model, "messages": turns}
+    if system:
+        body["system"] = system
+    # Thinking tokens count towards max_tokens: the guard already added the budget.
+    body["max_tokens"] = request.max_tokens
+    # anthropic 2.x dropped `temperature` and `top_p` from the signature; the API takes them.
+    extra: dict[str, Any] = {}
+    if options.thinking_budget is not None:
+        # Extended thinking takes only the default temperature: none is sent.
+        body["thinking"] = {"type": "enabled", "budget_tokens": options.thinking_budget}
+    elif options.top_p is None or options.temperature is not None:
+        # Claude 4.5 models take temperature or top_p, not both: a job that sets top_p
+        # alone is sent no default temperature.
+        extra["temperature"] = request.temperature
+    if options.top_p is not None:
+        extra["top_p"] = options.top_p
+    if options.stop:
+        body["stop_sequences"] = list(options.stop)
+    if options.user is not None:
+        body["metadata"] = {"user_id": options.user}
+    schema = options.schema
+    if schema is not None and request.native_schema:
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    elif options.response_format is not None:
+        # Strict tool use's equivalent for every model: one tool, which it must call,
+        # whose input is the answer.
+        body["tools"] = [
+            {
+                "name": ANSWER_TOOL,
+                "description": "Give the answer, as the input of this tool.",
+                "input_schema": schema if schema is not None else {"type": "object"},
+            }
+        ]
+        body["tool_choice"] = {"type": "tool", "name": ANSWER_TOOL}
+    if extra:
+        body["extra_body"] = extra
+    return body
+
+
 class AnthropicProvider:
     """Messages API through the official anthropic SDK."""
 
@@ -66,17 +113,9 @@ class AnthropicProvider:
 
     def complete(self, request: ProviderRequest) -> Completion:
         """Send the request; normalize the answer or raise a typed ProviderError."""
-        system, turns = to_anthropic(request.messages)
-        options: dict[str, Any] = {"system": system} if system else {}
         try:
             response = self._client.messages.create(
-                model=request.model,
-                messages=turns,  # type: ignore[arg-type]
-                max_tokens=request.max_tokens,
-                # anthropic 2.x dropped `temperature` from the signature; the API takes it.
-                extra_body={"temperature": request.temperature},
-                timeout=request.timeout,
-                **options,
+                **request_body(request), timeout=request.timeout
             )
         except anthropic.APITimeoutError as exc:
             raise ProviderTimeoutError(
@@ -117,6 +156,26 @@ class AnthropicProvider:
         )
         stop_reason = getattr(response, "stop_reason", None)
         reason = STOP_REASONS.get(str(stop_reason), "other")
+        answer = next(
+            (
+                b
+                for b in blocks
+                if getattr(b, "type", "") == "tool_use" and getattr(b, "name", "") == ANSWER_TOOL
+            ),
+            None,
+        )
+        if answer is not None:
+            # The forced answer tool's input is the structured answer: a finished one.
+            text = json.dumps(getattr(answer, "input", None), ensure_ascii=False)
+            reason = "stop" if reason == "tool_calls" else reason
+        if usage is not None and stop_reason == "refusal":
+            return Completion(
+                text="",
+                refusal=text.strip() or "anthropic declined to answer (stop_reason 'refusal')",
+                finish_reason="content_filter",
+                usage=usage,
+                model=str(getattr(response, "model", "") or ""),
+            )
         if not text.strip() and reason == "stop":
             raise self._malformed(f"sent empty content (stop_reason={stop_reason})", usage)
         if usage is None:
@@ -138,11 +197,12 @@ class AnthropicProvider:
         if counted is None or not all(isinstance(n, int) for n in (cache_read, cache_write)):
             return None
         # Anthropic counts cache reads and writes apart from `input_tokens`; we report
-        # all input together, with the cache reads as the cached subset.
+        # all input together, with the cache reads and writes as subsets of it.
         return Usage(
             input_tokens=counted.input_tokens + cache_read + cache_write,
             output_tokens=counted.output_tokens,
             cached_input_tokens=cache_read,
+            cache_write_input_tokens=cache_write,
         )
 
     def _malformed(self, problem: str, usage: Usage | None) -> MalformedResponseError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeGuard
 
 from worker.errors import (
@@ -16,6 +16,7 @@ from worker.errors import (
     RateLimitedByProviderError,
 )
 from worker.models import Completion, Message, Usage
+from worker.options import RequestOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,9 +25,15 @@ class ProviderRequest:
 
     messages: list[Message]
     model: str
+    # Everything the provider may write, thinking and reasoning tokens included.
     max_tokens: int
     temperature: float
     timeout: float
+    options: RequestOptions = field(default_factory=RequestOptions)
+    # An OpenAI reasoning model: max_completion_tokens, and no temperature sent.
+    reasoning: bool = False
+    # The model answers in a JSON schema natively (Anthropic output_config.format).
+    native_schema: bool = False
 
 
 class Provider(Protocol):
@@ -83,12 +90,26 @@ def request_sent(exc: BaseException) -> bool:
     return type(exc.__cause__).__name__ not in ("ConnectError", "ConnectTimeout")
 
 
-def usage_of(input_tokens: object, output_tokens: object, cached: object = 0) -> Usage | None:
+def usage_of(
+    input_tokens: object,
+    output_tokens: object,
+    cached: object = 0,
+    *,
+    cache_written: object = 0,
+    reasoning: object = 0,
+) -> Usage | None:
     """A Usage from the numbers a provider reported, or None if any is missing or not a count."""
-    counts = [v for v in (input_tokens, output_tokens, cached or 0) if _is_count(v)]
-    if len(counts) != 3:
+    reported = (input_tokens, output_tokens, cached or 0, cache_written or 0, reasoning or 0)
+    counts = [v for v in reported if _is_count(v)]
+    if len(counts) != len(reported):
         return None
-    return Usage(input_tokens=counts[0], output_tokens=counts[1], cached_input_tokens=counts[2])
+    return Usage(
+        input_tokens=counts[0],
+        output_tokens=counts[1],
+        cached_input_tokens=counts[2],
+        cache_write_input_tokens=counts[3],
+        reasoning_tokens=counts[4],
+    )
 
 
 def _is_count(value: object) -> TypeGuard[int]:

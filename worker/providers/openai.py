@@ -9,7 +9,7 @@ from typing import Any
 import openai
 
 from worker.errors import MalformedResponseError, ProviderConnectionError, ProviderTimeoutError
-from worker.models import Completion, FinishReason, Usage
+from worker.models import Completion, FinishReason, JsonSchemaFormat, Usage
 from worker.providers.base import (
     ProviderRequest,
     error_for_status,
@@ -43,6 +43,52 @@ def client(*, api_key: str, base_url: str | None, timeout: float) -> openai.Open
         return _clients[key]
 
 
+# JSON mode needs the word "JSON" in the messages (the API answers 400 without it).
+JSON_MODE_INSTRUCTION = "Answer with a JSON object."
+
+
+def request_body(request: ProviderRequest, *, provider: str) -> dict[str, Any]:
+    """The Chat Completions arguments for `request`, in OpenAI's (or the compatible) shape."""
+    options = request.options
+    messages = [m.model_dump() for m in request.messages]
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
+    if request.reasoning:
+        # Reasoning models refuse max_tokens and any but the default temperature; the
+        # bound covers their reasoning tokens too.
+        body["max_completion_tokens"] = request.max_tokens
+    else:
+        body["max_tokens"] = request.max_tokens
+        body["temperature"] = request.temperature
+    optional = {
+        "stop": list(options.stop) if options.stop else None,
+        "seed": options.seed,
+        "top_p": options.top_p,
+        "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty,
+        "reasoning_effort": options.reasoning_effort,
+        # `user` is deprecated for the end user's id; Gemini and vLLM have neither.
+        "safety_identifier": options.user if provider == "openai" else None,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    response_format = options.response_format
+    if isinstance(response_format, JsonSchemaFormat):
+        spec = response_format.json_schema
+        schema: dict[str, Any] = {"name": spec.name, "schema": spec.schema_}
+        # OpenAI's own: strict adherence and a description; the compatible servers
+        # (Gemini, vLLM) take the name and schema and constrain decoding by them.
+        if provider == "openai":
+            if spec.strict is not None:
+                schema["strict"] = spec.strict
+            if spec.description is not None:
+                schema["description"] = spec.description
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif response_format is not None:
+        body["response_format"] = {"type": "json_object"}
+        if not any("json" in m["content"].lower() for m in messages):
+            messages.insert(0, {"role": "system", "content": JSON_MODE_INSTRUCTION})
+    return body
+
+
 class OpenAIProvider:
     """Chat Completions through the official openai SDK."""
 
@@ -54,11 +100,7 @@ class OpenAIProvider:
         """Send the request; normalize the answer or raise a typed ProviderError."""
         try:
             response = self._client.chat.completions.create(
-                model=request.model,
-                messages=[m.model_dump() for m in request.messages],  # type: ignore[misc]
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                timeout=request.timeout,
+                **request_body(request, provider=self.name), timeout=request.timeout
             )
         except openai.APITimeoutError as exc:
             raise ProviderTimeoutError(
@@ -95,8 +137,19 @@ class OpenAIProvider:
         if not isinstance(choices, list) or not choices:
             raise self._malformed("sent no choices", usage)
         choice = choices[0]
-        text = getattr(getattr(choice, "message", None), "content", None)
+        message = getattr(choice, "message", None)
+        text = getattr(message, "content", None)
         reason = FINISH_REASONS.get(str(getattr(choice, "finish_reason", None)), "other")
+        refusal = getattr(message, "refusal", None)
+        if isinstance(refusal, str) and refusal.strip() and usage is not None:
+            # A refusal is the model's answer, not text to return or parse.
+            return Completion(
+                text="",
+                refusal=refusal,
+                finish_reason="content_filter",
+                usage=usage,
+                model=str(getattr(response, "model", "") or ""),
+            )
         if not isinstance(text, str) or (not text.strip() and reason == "stop"):
             raise self._malformed(
                 f"sent empty content (finish_reason={getattr(choice, 'finish_reason', None)})",
@@ -114,10 +167,13 @@ class OpenAIProvider:
     def _usage(self, response: Any) -> Usage | None:
         usage = getattr(response, "usage", None)
         details = getattr(usage, "prompt_tokens_details", None)
+        output_details = getattr(usage, "completion_tokens_details", None)
         return usage_of(
             getattr(usage, "prompt_tokens", None),
             getattr(usage, "completion_tokens", None),
             getattr(details, "cached_tokens", None),
+            # Part of completion_tokens, and billed with them at the output rate.
+            reasoning=getattr(output_details, "reasoning_tokens", None),
         )
 
     def _malformed(self, problem: str, usage: Usage | None) -> MalformedResponseError:
