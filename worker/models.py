@@ -14,10 +14,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -132,6 +134,15 @@ class Message(BaseModel):
         if isinstance(self.content, list):
             return list(self.content)
         return [TextPart(type="text", text=self.content)] if self.content else []
+
+    @model_serializer(mode="wrap")
+    def _plain(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A plain message dumps as it always did, {role, content}: unset tool fields left out.
+        data: dict[str, Any] = handler(self)
+        for key in ("tool_calls", "tool_call_id"):
+            if data.get(key, ...) is None:
+                del data[key]
+        return data
 
     def wire(self) -> dict[str, Any]:
         """The message as JSON data, unset fields left out (a plain message: role, content)."""

@@ -90,7 +90,8 @@ def invalid_kind(exc: ValidationError) -> type[InvalidJobError]:
     if any(e["type"] == "llmq_tool_call" for e in errors):
         return ToolCallMismatchError
     if any(
-        e["type"] == "llmq_content" or ("content" in e["loc"] and e["loc"][0] == "messages")
+        e["type"] == "llmq_content"
+        or (e["type"].startswith("union_tag_") and "content" in e["loc"])
         for e in errors
     ):
         return InvalidContentError
