@@ -350,3 +350,38 @@ def test_two_step_tool_loop_through_the_queue(
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert json.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == CALL["arguments"]
     assert sent[2]["tool_call_id"] == call["id"]
+
+
+def test_submit_takes_the_openai_sdks_own_messages(
+    worker: Worker, fake: FakeProvider, user_id: str
+) -> None:
+    from openai.types.chat import ChatCompletionMessage
+
+    # What a web app holds after its SDK call: the reply object, with the unset fields
+    # (refusal, audio, annotations) the SDK fills in.
+    reply = ChatCompletionMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "annotations": [],
+            "tool_calls": [
+                {
+                    "id": "call_9",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        }
+    )
+    messages: list[Any] = [
+        *ASK,
+        reply,
+        {"role": "tool", "tool_call_id": "call_9", "content": "21C"},
+    ]
+    fake.text = "21 degrees."
+    result = submit(messages, user_id, tools=[WEATHER]).get(timeout=30)
+    assert result["text"] == "21 degrees." and result["finish_reason"] == "stop"
+    sent = fake.seen[0].body["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == "call_9" and sent[1]["content"] is None
+    assert sent[2] == {"role": "tool", "content": "21C", "tool_call_id": "call_9"}
