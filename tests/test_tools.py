@@ -385,3 +385,20 @@ def test_submit_takes_the_openai_sdks_own_messages(
     sent = fake.seen[0].body["messages"]
     assert sent[1]["tool_calls"][0]["id"] == "call_9" and sent[1]["content"] is None
     assert sent[2] == {"role": "tool", "content": "21C", "tool_call_id": "call_9"}
+
+
+def test_a_temperature_zero_tool_call_is_served_from_the_cache(
+    make_pipeline: MakePipeline, fake: FakeProvider, user_id: str
+) -> None:
+    fake.tool_calls = [CALL]
+    pipeline = make_pipeline()
+    job = {"messages": ASK, "user_id": user_id, "tools": [WEATHER], "temperature": 0}
+    first = pipeline.complete(job, context=JobContext())
+    again = pipeline.complete(job, context=JobContext())
+    assert not first.cached and again.cached and again.cost_usd == 0
+    assert again.finish_reason == "tool_calls" and again.tool_calls == first.tool_calls
+    # Warmer, the same tool job is a new call every time.
+    warm = {**job, "temperature": 0.5, "cache": True}
+    pipeline.complete(warm, context=JobContext())
+    pipeline.complete(warm, context=JobContext())
+    assert fake.requests() == 3
