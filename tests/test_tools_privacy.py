@@ -18,6 +18,7 @@ from tests.fakes import FakeProvider
 from tests.harness import Flower, Isolated, wait_for
 from tests.test_content import png
 from tests.test_privacy import EventLog
+from worker.privacy import result_repr
 
 # A web app's producer that never imports llmq: a tools job with an image, then the
 # tool loop's second step with the call's arguments and the tool's result.
@@ -123,3 +124,20 @@ def _try(check: Any) -> bool:
         return bool(check())
     except TimeoutError:
         return False
+
+
+def test_result_repr_reads_the_results_own_fields_never_a_tool_calls() -> None:
+    result = {
+        "request_id": "r1",
+        "provider": "openai",
+        "cost_usd": 0.25,
+        "tool_calls": [
+            {"id": "c", "name": "f", "arguments": {"provider": "SECRET-1", "model": "SECRET-2"}}
+        ],
+        "parsed": {"cached": "SECRET-3"},
+        "text": "it's {'provider': 'SECRET-4', 'x': 1}",
+    }
+    for shown in (result_repr(repr(result)), result_repr(repr(result)[:150] + "...")):
+        assert "SECRET" not in shown
+        assert "request_id='r1'" in shown and "provider='openai'" in shown
+        assert "cost_usd=0.25" in shown
