@@ -255,6 +255,26 @@ def test_image_job_reservation_bounds_the_reported_usage(
     assert sent["image_url"]["detail"] == "high"
 
 
+def test_anthropic_image_job_reservation_bounds_the_reported_usage(
+    worker: Worker, fake: FakeProvider, make_pipeline: MakePipeline, user_id: str
+) -> None:
+    job = image_job(data_url(png(1000, 750)), max_tokens=50, model="claude-haiku-4-5")
+    job["user_id"] = user_id
+    estimate = make_pipeline().plan(validate(job)).primary.estimate
+    assert estimate.media_tokens == 1000  # 1000 x 750 / 750
+    # Anthropic bills the image by its formula and the text by its own tokenizer,
+    # which the guard's margin covers: bill the text at the o200k count itself.
+    text = tokens.count_messages(validate(job).messages)
+    fake.usage["input_tokens"], fake.usage["output_tokens"] = text + 1000, 50
+    result = submit(job["messages"], user_id, max_tokens=50, model="claude-haiku-4-5").get(
+        timeout=30
+    )
+    assert result["provider"] == "anthropic" and result["input_tokens"] == text + 1000
+    assert Decimal(str(result["cost_usd"])) < estimate.cost_usd
+    sent = fake.seen[0].body["messages"][0]["content"][1]
+    assert sent["type"] == "image" and sent["source"]["media_type"] == "image/png"
+
+
 @pytest.mark.parametrize(
     ("url", "kind"),
     [
