@@ -14,7 +14,7 @@ from sumy.parsers.plaintext import PlaintextParser
 from sumy.summarizers.luhn import LuhnSummarizer
 from sumy.utils import get_stop_words
 
-from worker import tokens
+from worker import plaintext, tokens
 from worker.models import Completion, Usage
 from worker.providers.base import ProviderRequest
 
@@ -40,7 +40,10 @@ class RegexTokenizer:
 
 
 def prose(text: str) -> str:
-    """Keep the prose lines of a document, joined back into paragraphs."""
+    """The document's paragraphs without front matter or markup (else its prose-like lines)."""
+    paragraphs = plaintext.prose(text)
+    if paragraphs:
+        return paragraphs
     lines = [line for line in text.splitlines() if not _NOT_PROSE.match(line)]
     return "\n".join(lines)
 
