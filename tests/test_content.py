@@ -293,3 +293,16 @@ def test_oversize_or_tiff_image_fails_with_no_provider_call(
         assert raised.value.limit_bytes == 20 * MB
     assert fake.requests() == 0
     assert "base64," not in str(raised.value)
+
+
+def test_size_limits_are_settings(make_pipeline: MakePipeline) -> None:
+    image = {"type": "image_url", "image_url": {"url": data_url(png(8, 8, pad=4000))}}
+    job = validate({"messages": content(image, image), "user_id": "u"})
+    with pytest.raises(ContentTooLargeError) as per_image:
+        make_pipeline(LLM_MAX_IMAGE_BYTES=4000).plan(job)
+    assert per_image.value.setting == "LLM_MAX_IMAGE_BYTES" and per_image.value.limit_bytes == 4000
+    with pytest.raises(ContentTooLargeError) as per_job:
+        make_pipeline(LLM_MAX_JOB_MEDIA_BYTES=6000).plan(job)
+    assert per_job.value.setting == "LLM_MAX_JOB_MEDIA_BYTES"
+    assert per_job.value.size_bytes == 2 * len(png(8, 8, pad=4000))
+    assert make_pipeline(LLM_MAX_IMAGE_BYTES=5000).plan(job).candidates
