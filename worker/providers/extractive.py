@@ -73,7 +73,7 @@ class ExtractiveProvider:
 
     def complete(self, request: ProviderRequest) -> Completion:
         """Summarize; stop at `max_tokens` with finish_reason `length` like an LLM would."""
-        source = next(m.content for m in reversed(request.messages) if m.role == "user")
+        source = next(m.text for m in reversed(request.messages) if m.role == "user")
         document = PlaintextParser.from_string(prose(source) or source, self._tokenizer).document
         picked = [str(s) for s in self._summarizer(document, MAX_SENTENCES)]
         text, finish = "", "stop"
