@@ -74,6 +74,19 @@ def marks_of(run: subprocess.Popen[str], output: str) -> list[str]:
     return marks
 
 
+def start_demo(*args: str, tmp: Path) -> subprocess.Popen[str]:
+    """`./run demo ARGS` in its own session, as a newcomer's terminal would run it."""
+    return subprocess.Popen(
+        ["./run", "demo", *args],
+        cwd=ROOT,
+        env=demo_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture
 def demo_tmp(tmp_path: Path) -> Path:
     """The TMPDIR the demo makes its temp directory in."""
@@ -81,15 +94,7 @@ def demo_tmp(tmp_path: Path) -> Path:
 
 
 def test_demo_exits_and_leaves_nothing_behind(demo_tmp: Path) -> None:
-    run = subprocess.Popen(
-        ["./run", "demo"],
-        cwd=ROOT,
-        env=demo_env(demo_tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    run = start_demo(tmp=demo_tmp)
     try:
         output, _ = run.communicate(timeout=180)
     finally:
@@ -104,15 +109,7 @@ def test_demo_exits_and_leaves_nothing_behind(demo_tmp: Path) -> None:
 
 def test_ctrl_c_after_the_first_summary_stops_everything(tmp_path: Path, demo_tmp: Path) -> None:
     documents = generated_documents(tmp_path / "docs", 120)
-    run = subprocess.Popen(
-        ["./run", "demo", str(documents)],
-        cwd=ROOT,
-        env=demo_env(demo_tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    run = start_demo(str(documents), tmp=demo_tmp)
     lines: list[str] = []
     try:
         assert run.stdout is not None
@@ -142,15 +139,7 @@ def test_demo_summarizes_hundreds_of_documents_without_waiting_on_a_limit(
     # Over the per-user hourly default: a $0 local provider must not be throttled by it.
     assert total > 4 * Settings().user_tokens_per_hour
     out = tmp_path / "summaries.jsonl"
-    run = subprocess.Popen(
-        ["./run", "demo", str(documents), "--out", str(out)],
-        cwd=ROOT,
-        env=demo_env(demo_tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    run = start_demo(str(documents), "--out", str(out), tmp=demo_tmp)
     started = time.monotonic()
     try:
         output, _ = run.communicate(timeout=420)

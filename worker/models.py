@@ -7,8 +7,6 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from worker.content import ContentPart, TextPart, part_text
-from worker.tools import Tool, ToolCall, ToolChoice
+from worker.tools import Tool, ToolCall, ToolChoice, object_schema
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
@@ -175,20 +173,9 @@ class JsonSchemaSpec(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validator_for(schema).check_schema(schema)
-        except SchemaError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "its root"
-            raise ValueError(
-                f"is not a valid JSON Schema (at {where}: fails {exc.validator!r} of the "
-                "metaschema); fix the schema, e.g. check it with jsonschema's check_schema"
-            ) from None
-        if schema.get("type") != "object":
-            raise ValueError(
-                'must have "type": "object" at its root, as OpenAI and Anthropic require; '
-                "wrap a list or a scalar in an object property"
-            )
-        return schema
+        return object_schema(
+            schema, fix="fix the schema, e.g. check it with jsonschema's check_schema"
+        )
 
 
 class JsonSchemaFormat(BaseModel):

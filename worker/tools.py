@@ -53,17 +53,25 @@ class FunctionDef(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validator_for(schema).check_schema(schema)
-        except SchemaError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "its root"
-            raise ValueError(
-                f"is not a valid JSON Schema (at {where}: fails {exc.validator!r} of the "
-                "metaschema); fix the tool's parameters"
-            ) from None
-        if schema.get("type") != "object":
-            raise ValueError('must have "type": "object" at its root, as both APIs require')
-        return schema
+        return object_schema(schema, fix="fix the tool's parameters")
+
+
+def object_schema(schema: dict[str, Any], *, fix: str) -> dict[str, Any]:
+    """`schema` if it is a valid JSON Schema of an object, else a ValueError saying `fix`."""
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "its root"
+        raise ValueError(
+            f"is not a valid JSON Schema (at {where}: fails {exc.validator!r} of the "
+            f"metaschema); {fix}"
+        ) from None
+    if schema.get("type") != "object":
+        raise ValueError(
+            'must have "type": "object" at its root, as OpenAI and Anthropic require; '
+            "wrap a list or a scalar in an object property"
+        )
+    return schema
 
 
 class Tool(BaseModel):
