@@ -1,9 +1,13 @@
-"""Telemetry through real parts: a worker's /metrics scraped by Debian's Prometheus."""
+"""Telemetry through real parts: Debian's Prometheus scrapes a worker, OTLP traces collected."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,9 +18,14 @@ import requests
 from producer import submit
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider, Fault
-from tests.harness import free_port, wait_for
+from tests.harness import RedisServer, free_port, wait_for
+from tests.otlp import Collector, Span
 from tests.prometheus import PrometheusServer, scrape, value
-from worker.errors import RateLimitedError
+from worker import telemetry
+from worker.breaker import BreakerConfig, CircuitBreaker
+from worker.errors import ProviderUnavailableError, RateLimitedError
+from worker.resilience import Admission
+from worker.telemetry import Metrics
 
 MARKER = "zebra-marker-5f1c"
 
@@ -131,3 +140,170 @@ def test_metrics_count_50_jobs_exactly_and_prometheus_sums_the_cost(
         assert by_outcome == {"completed": 41, "cache_hit": 5, "RateLimitedError": 4}
     finally:
         prometheus.stop()
+
+
+# --- OpenTelemetry ------------------------------------------------------------------
+
+_memory: Any = None
+
+
+@pytest.fixture(scope="module")
+def producer_spans() -> Any:
+    """The test process as an application using OpenTelemetry: its spans kept in memory."""
+    global _memory
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if _memory is None:  # a process has one global tracer provider
+        _memory = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_memory))
+        trace.set_tracer_provider(provider)
+    _memory.clear()
+    return _memory
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """An OTLP/HTTP collector the worker exports to."""
+    running = Collector()
+    yield running
+    running.stop()
+
+
+def test_trace_runs_from_producer_to_worker_to_each_attempt(
+    start_worker: StartWorker, fake: FakeProvider, producer_spans: Any, collector: Collector
+) -> None:
+    queue = f"otel-{uuid.uuid4().hex[:6]}"
+    start_worker(
+        2,
+        queue,
+        **private(
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="50",
+            LLM_RETRY_ATTEMPTS="2",
+            LLM_RETRY_INITIAL_WAIT="0.01",
+        ),
+    )
+    # The first attempt fails (503), the second answers: two attempt spans.
+    fake.script("openai", Fault(status=503))
+    result = ask(f"Traced {uuid.uuid4().hex[:6]}?", f"user-{uuid.uuid4().hex[:6]}", queue).get(
+        timeout=60
+    )
+    assert result["attempts"] == 2
+
+    sent = [s for s in producer_spans.get_finished_spans() if s.name == "send llm.complete"]
+    assert len(sent) == 1
+    producer = sent[0].context
+    trace_id, producer_id = f"{producer.trace_id:032x}", f"{producer.span_id:016x}"
+
+    def worker_side() -> list[Span] | None:
+        spans = collector.trace(trace_id)
+        return spans if len(spans) == 3 else None
+
+    spans = wait_for(worker_side, timeout=20, what="the worker's 3 spans at the collector")
+    (job,) = [s for s in spans if s.name == "llm.complete"]
+    assert job.parent_span_id == producer_id
+    assert job.service == "llmq-worker"
+    assert job.attributes["llmq.cost_usd"] == pytest.approx(result["cost_usd"])
+    assert job.attributes["llmq.queue_wait_ms"] >= 0
+    attempts = sorted(
+        (s for s in spans if s.name.startswith("chat ")), key=lambda s: s.attributes["llmq.attempt"]
+    )
+    assert [a.parent_span_id for a in attempts] == [job.span_id, job.span_id]
+    assert [a.attributes["llmq.attempt"] for a in attempts] == [1, 2]
+    failed, served = attempts
+    assert failed.attributes["error.type"] == "ProviderUnavailableError"
+    assert failed.status_code == 2  # STATUS_CODE_ERROR
+    assert served.attributes == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": result["model"],
+        "gen_ai.response.model": result["model"],
+        "gen_ai.response.finish_reasons": ["stop"],
+        "gen_ai.usage.input_tokens": result["input_tokens"],
+        "gen_ai.usage.output_tokens": result["output_tokens"],
+        "gen_ai.usage.cache_read.input_tokens": result["cached_input_tokens"],
+        "llmq.cost_usd": pytest.approx(result["cost_usd"]),
+        "llmq.cached": False,
+        "llmq.queue_wait_ms": pytest.approx(result["queue_wait_ms"]),
+        "llmq.attempt": 2,
+    }
+    # No prompt text anywhere: not in what the worker exported, nor in the producer's span.
+    assert collector.bodies and not any(MARKER.encode() in body for body in collector.bodies)
+    assert MARKER not in sent[0].to_json()
+
+
+# --- in-process parts ----------------------------------------------------------------
+
+
+@pytest.fixture
+def counted() -> Iterator[Metrics]:
+    """Metrics on in this process, off again after the test."""
+    yield telemetry.enable_metrics(tenants=["acme"])
+    telemetry.disable_metrics()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample of a metric in `metrics`' registry (0 when absent)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_breaker_transitions_are_counted_by_the_call_that_caused_them(
+    redis_server: RedisServer, counted: Metrics
+) -> None:
+    clock = [time.time()]
+    breaker = CircuitBreaker(
+        redis_server.client(),
+        config=BreakerConfig(failures=2, min_calls=100, cooldown_seconds=30),
+        endpoints={"openai": f"tel-{uuid.uuid4().hex[:8]}"},
+        clock=lambda: clock[0],
+    )
+    down = ProviderUnavailableError("openai answered HTTP 503", provider="openai", status=503)
+    for _ in range(3):  # the second opens it; the third finds it open already
+        breaker.record("openai", error=down, probe=False)
+    assert sample(counted, "llmq_breaker_state", provider="openai") == 2
+    clock[0] += 30
+    assert breaker.admit("openai") is Admission.PROBE
+    assert sample(counted, "llmq_breaker_state", provider="openai") == 1
+    breaker.record("openai", error=None, probe=True)
+    assert sample(counted, "llmq_breaker_state", provider="openai") == 0
+    moves = {
+        to: sample(counted, "llmq_breaker_transitions_total", provider="openai", to=to)
+        for to in ("open", "half_open", "closed")
+    }
+    assert moves == {"open": 1, "half_open": 1, "closed": 1}
+
+
+def test_tenant_label_is_bounded_to_the_users_named(counted: Metrics) -> None:
+    for user in ("acme", "u-1", "u-2", "u-3"):
+        telemetry.on_job({"user_id": user, "error_kind": None, "cost_usd": 0.0})
+    assert sample(counted, "llmq_jobs_total", outcome="completed", tenant="acme") == 1
+    assert sample(counted, "llmq_jobs_total", outcome="completed", tenant="other") == 3
+    tenants = {
+        s.labels.get("tenant")
+        for family in counted.registry.collect()
+        for s in family.samples
+        if "tenant" in s.labels
+    }
+    assert tenants == {"acme", "other"}
+
+
+def test_telemetry_off_loads_neither_server_nor_sdk(worker_env: dict[str, str]) -> None:
+    env = {k: v for k, v in worker_env.items() if not k.startswith(("OTEL_", "LLM_METRICS"))}
+    code = (
+        "import sys, worker.tasks\n"
+        "from worker import telemetry\n"
+        "from worker.settings import get_settings\n"
+        "telemetry.start_worker(get_settings())\n"
+        "telemetry.on_call({'provider': 'openai', 'model': 'm', 'cost_usd': 1.0})\n"
+        "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', "
+        "'opentelemetry.exporter'))]\n"
+        "print(telemetry.enabled(), loaded)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "False []", done.stderr

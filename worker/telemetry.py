@@ -159,6 +159,19 @@ def metrics() -> Metrics | None:
     return _metrics
 
 
+def enable_metrics(*, tenants: list[str]) -> Metrics:
+    """Count into a new registry from now on (the worker serves it on LLM_METRICS_PORT)."""
+    global _metrics
+    _metrics = Metrics(tenants=tenants)
+    return _metrics
+
+
+def disable_metrics() -> None:
+    """Stop counting: every hook returns at once again."""
+    global _metrics
+    _metrics = None
+
+
 def tracing_configured() -> bool:
     """Whether the standard OTel environment asks for OTLP export."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -171,12 +184,11 @@ def tracing_configured() -> bool:
 
 def start_worker(settings: Settings) -> None:
     """Serve /metrics and export traces, as the settings and OTel environment ask."""
-    global _metrics
     if settings.metrics_port is not None and _metrics is None:
         from prometheus_client import start_http_server
 
-        _metrics = Metrics(tenants=settings.metrics_tenants)
-        start_http_server(settings.metrics_port, settings.metrics_host, registry=_metrics.registry)
+        registry = enable_metrics(tenants=settings.metrics_tenants).registry
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     if tracing_configured():
         configure_tracing("llmq-worker")
         from celery import signals
@@ -191,11 +203,19 @@ def configure_tracing(service: str) -> None:
     global _tracer
     if _tracer is not None:
         return
-    from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        from worker.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is missing "
+            f"({exc.name}). Fix: pip install 'llmq[telemetry]', or unset the endpoint."
+        ) from None
 
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service}
     provider = TracerProvider(resource=Resource.create(attributes))
