@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from producer import submit
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider, Fault
-from tests.harness import RedisServer, free_port, wait_for
+from tests.harness import Isolated, RedisServer, free_port, serve_front, wait_for
 from tests.otlp import Collector, Span
 from tests.prometheus import PrometheusServer, scrape, value
 from worker import telemetry
@@ -307,3 +308,27 @@ def test_telemetry_off_loads_neither_server_nor_sdk(worker_env: dict[str, str]) 
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "False []", done.stderr
+
+
+def test_http_front_serves_its_own_metrics(isolated: Isolated, run_dir: Path) -> None:
+    with serve_front({**isolated.env, "LLM_HTTP_AUTH": "false"}, run_dir) as (base, _):
+        body = {"messages": [{"role": "user", "content": MARKER}], "user_id": "u-web"}
+        posted = requests.post(f"{base}/v1/completions", json=body, timeout=10)
+        assert posted.status_code == 202
+        job_id = posted.json()["id"]
+        assert requests.get(f"{base}{posted.json()['status_url']}", timeout=10).ok
+        assert requests.post(f"{base}/v1/completions", json={}, timeout=10).status_code == 422
+        text = requests.get(f"{base}/metrics", timeout=10).text
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    requests_total = "llmq_http_requests_total"
+    route = "/v1/completions"
+    assert value(samples, requests_total, method="POST", route=route, status="202") == 1
+    assert value(samples, requests_total, method="POST", route=route, status="422") == 1
+    assert value(samples, requests_total, method="GET", route="/v1/jobs/{job_id:path}") == 1
+    assert value(samples, "llmq_http_request_seconds_count", method="POST", route=route) == 2
+    # Routes by template: no job id, user or prompt in any label.
+    assert job_id not in text and "u-web" not in text and MARKER not in text
