@@ -188,7 +188,17 @@ def start_worker(settings: Settings) -> None:
         from prometheus_client import start_http_server
 
         registry = enable_metrics(tenants=settings.metrics_tenants).registry
-        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+        try:
+            start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+        except OSError as exc:
+            disable_metrics()
+            from worker.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"Cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port} "
+                f"({exc.strerror}). Fix: give each worker on a host its own LLM_METRICS_PORT, "
+                "or unset it to run without metrics."
+            ) from None
     if tracing_configured():
         configure_tracing("llmq-worker")
         from celery import signals
@@ -233,9 +243,13 @@ def _shutdown_tracing(**_: Any) -> None:
 
 
 def _otel_loaded() -> bool:
-    # A producer traces only if its application uses OpenTelemetry (or llmq set it up):
-    # otherwise importing the API would cost every submit() for nothing.
-    return _tracer is not None or "opentelemetry.trace" in sys.modules
+    # A producer traces only if its application set up OpenTelemetry (or llmq did):
+    # otherwise tracing would cost every submit() for nothing. The API module alone
+    # proves nothing: redis-py imports it whenever the SDK is installed.
+    if _tracer is not None:
+        return True
+    api = sys.modules.get("opentelemetry.trace")
+    return api is not None and not isinstance(api.get_tracer_provider(), api.ProxyTracerProvider)
 
 
 @contextmanager
