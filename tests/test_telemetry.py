@@ -24,7 +24,7 @@ from tests.otlp import Collector, Span
 from tests.prometheus import PrometheusServer, scrape, value
 from worker import telemetry
 from worker.breaker import BreakerConfig, CircuitBreaker
-from worker.errors import ProviderUnavailableError, RateLimitedError
+from worker.errors import BudgetExceededError, ProviderUnavailableError, RateLimitedError
 from worker.resilience import Admission
 from worker.telemetry import Metrics
 
@@ -141,6 +141,42 @@ def test_metrics_count_50_jobs_exactly_and_prometheus_sums_the_cost(
         assert by_outcome == {"completed": 41, "cache_hit": 5, "RateLimitedError": 4}
     finally:
         prometheus.stop()
+
+
+def test_deferrals_and_budget_rejections_are_counted(
+    start_worker: StartWorker, fake: FakeProvider
+) -> None:
+    queue = f"tel-{uuid.uuid4().hex[:6]}"
+    user = f"defer-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    worker = start_worker(
+        2,
+        queue,
+        **private(
+            LLM_METRICS_PORT=str(port),
+            LLM_METRICS_HOST="127.0.0.1",
+            LLM_USER_REQUESTS_PER_MINUTE="1",
+            LLM_USER_REQUEST_WINDOW_SECONDS="2",
+        ),
+    )
+    # One request per 2 s window: the second job waits on the deferred queue, then runs.
+    first, second = (ask(f"Defer {i}?", user, queue, on_limit="defer") for i in range(2))
+    assert first.get(timeout=60)["cost_usd"] > 0 and second.get(timeout=60)["cost_usd"] > 0
+    # Over LLM_MAX_COST_PER_REQUEST at once: the cost guard rejects it, no call.
+    with pytest.raises(BudgetExceededError):
+        ask("Too dear?", user, queue, model="gpt-4o", max_tokens=16000).get(timeout=60)
+    deferred = worker.records("llm_deferred")
+    assert deferred and {r["limit"] for r in deferred} == {"user_requests"}
+    samples = scrape(port)
+    deferrals = value(samples, "llmq_rate_limit_deferrals_total", limit="user_requests")
+    assert deferrals == len(deferred)
+    # Each deferral was a run that the limit rejected; the two jobs completed once each.
+    assert value(samples, "llmq_rate_limit_rejections_total", limit="user_requests") == deferrals
+    assert value(samples, "llmq_jobs_total", outcome="RateLimitedError") == deferrals
+    assert value(samples, "llmq_jobs_total", outcome="completed") == 2
+    assert value(samples, "llmq_budget_rejections_total", budget="request") == 1
+    assert value(samples, "llmq_jobs_total", outcome="BudgetExceededError") == 1
+    assert value(samples, "llmq_provider_calls_total") == 2
 
 
 # --- OpenTelemetry ------------------------------------------------------------------
