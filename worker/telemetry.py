@@ -1,7 +1,8 @@
 """Telemetry: Prometheus metrics and OpenTelemetry GenAI spans, fed by the job and call records.
 
 Off unless configured. With LLM_METRICS_PORT unset and no OTEL_EXPORTER_OTLP_ENDPOINT,
-every hook returns at once: prometheus_client is never imported, nor the OpenTelemetry SDK.
+every hook returns at once, and this module imports neither prometheus_client's server nor
+the OpenTelemetry SDK.
 The hooks read the same fields as the `llm_job` and `llm_call` log records, and only
 whitelisted ones: no prompt or completion text reaches a metric or a span.
 """
@@ -35,9 +36,11 @@ class Metrics:
     """The worker's Prometheus series, in a registry of their own."""
 
     def __init__(self, *, tenants: list[str]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry()
+        # The process's CPU, memory and open files, next to what it did with them.
+        ProcessCollector(registry=self.registry)
         self.tenants = frozenset(tenants)
         tenant = ["tenant"] if tenants else []
         model = ["provider", "model"]
