@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer import submit
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider, Fault
-from tests.harness import Isolated, RedisServer, free_port, serve_front, wait_for
+from tests.harness import Isolated, RedisServer, Worker, free_port, serve_front, wait_for
 from tests.otlp import Collector, Span
 from tests.prometheus import PrometheusServer, scrape, value
 from worker import telemetry
@@ -177,6 +178,24 @@ def test_deferrals_and_budget_rejections_are_counted(
     assert value(samples, "llmq_budget_rejections_total", budget="request") == 1
     assert value(samples, "llmq_jobs_total", outcome="BudgetExceededError") == 1
     assert value(samples, "llmq_provider_calls_total") == 2
+
+
+def test_a_taken_metrics_port_stops_the_worker_saying_so(
+    worker_env: dict[str, str], run_dir: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**worker_env, "LLM_METRICS_PORT": str(port), "LLM_METRICS_HOST": "127.0.0.1"}
+        refused = Worker(env, run_dir, queues=f"taken-{uuid.uuid4().hex[:6]}")
+        try:
+            status = refused.process.wait(timeout=60)
+        finally:
+            refused.stop()
+    assert status == 78
+    assert f"Cannot serve /metrics on 127.0.0.1:{port}" in refused.output()
+    assert "LLM_METRICS_PORT" in refused.output()
 
 
 # --- OpenTelemetry ------------------------------------------------------------------
