@@ -26,8 +26,8 @@ _state: dict[str, Any] = {}
 
 def pytest_configure(config: pytest.Config) -> None:
     """Start the private Redis before any test module imports the Celery app."""
-    if hasattr(config, "workerinput"):
-        return
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the controller of `pytest -n N` runs no test; each of its workers has its own
     base = Path(tempfile.mkdtemp(prefix="llmq-test-"))
     server = RedisServer(base / "redis")
     _state.update(base=base, redis=server)
@@ -38,8 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
         del os.environ[name]
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def no_key_in_any_log() -> Iterator[None]:
     """Fail the run if any test key reached any log a worker or server wrote."""
+    yield
     base = _state.get("base")
     if base is None:
         return
@@ -50,8 +52,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if key in path.read_text(errors="replace")
     ]
     if leaks:
-        print("\nAPI KEYS LEAKED INTO LOGS:\n  " + "\n  ".join(leaks))
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        pytest.fail("API KEYS LEAKED INTO LOGS:\n  " + "\n  ".join(leaks))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
