@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from producer.cached import CachedResult, lookup
 from producer.messages import job_messages
 from producer.structured import ParsedResult, response_format_for, strict_schema
+from worker import telemetry
 from worker.app import app
 from worker.constants import COMPLETE_TASK, QUEUE
 from worker.idempotency import task_id_for
@@ -177,6 +178,7 @@ def _send(
             # Also in the result backend, so AsyncResult(job.id) elsewhere finds it.
             app.backend.store_result(hit.id, hit.result, "SUCCESS")
             return hit
-    return app.send_task(
-        COMPLETE_TASK, kwargs=kwargs, queue=queue, countdown=countdown, task_id=task_id
-    )
+    with telemetry.publish_span(COMPLETE_TASK, task_id):
+        return app.send_task(
+            COMPLETE_TASK, kwargs=kwargs, queue=queue, countdown=countdown, task_id=task_id
+        )

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from producer import app as celery_app
 from producer import submit
 from producer.keys import KeyStore
+from worker import telemetry
 from worker.connections import redis_client
 from worker.errors import InvalidJobError
 from worker.keyspace import JOB_POSTER
@@ -289,6 +290,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     front.add_exception_handler(RequestValidationError, _invalid_request)
     front.add_exception_handler(InvalidJobError, _invalid_job)
     front.include_router(router)
+    telemetry.instrument_front(front)
+    if telemetry.tracing_configured():
+        telemetry.configure_tracing("llmq-web")
     return front
 
 

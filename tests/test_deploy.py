@@ -8,6 +8,7 @@ give their containers.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -22,12 +23,14 @@ import requests
 import yaml
 
 from producer.keys import KeyStore
-from tests.harness import CELERY, ROOT, Flower, Isolated, Worker, serve_front, wait_for
+from tests.harness import CELERY, ROOT, Flower, Isolated, Worker, free_port, serve_front, wait_for
 from worker.settings import API_KEY_ENV, Settings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 LLMQ_SERVICES = ("worker", "web", "flower")
+# `docker compose --profile telemetry up`: off unless asked for.
+TELEMETRY_SERVICES = ("prometheus", "grafana")
 # Documented in .env.example for compose to build FLOWER_BASIC_AUTH from; no llmq setting.
 COMPOSE_ONLY = {"FLOWER_USER", "FLOWER_PASSWORD"}
 # Settings only the HTTP front reads.
@@ -107,7 +110,11 @@ def container_env(service: str, dotenv: Mapping[str, str], redis_url: str) -> di
 
 
 def test_compose_services() -> None:
-    assert set(SERVICES) == {"redis", *LLMQ_SERVICES}
+    assert set(SERVICES) == {"redis", *LLMQ_SERVICES, *TELEMETRY_SERVICES}
+    for name in TELEMETRY_SERVICES:
+        assert SERVICES[name]["profiles"] == ["telemetry"], name
+    for name in ("redis", *LLMQ_SERVICES):
+        assert "profiles" not in SERVICES[name], name
     redis_cmd = SERVICES["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert SERVICES["redis"]["healthcheck"]["test"][-1] == "ping"
@@ -162,6 +169,8 @@ def test_the_front_resolves_jobs_as_the_workers_do() -> None:
 def test_dashboards_and_the_front_listen_on_localhost_only() -> None:
     assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
     assert SERVICES["web"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert SERVICES["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert SERVICES["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     web = SERVICES["web"]["command"]
     # Inside its container the front listens on every interface, at the published port.
     assert web[web.index("--host") + 1] == "0.0.0.0" and web[web.index("--port") + 1] == "8000"
@@ -238,6 +247,57 @@ def test_env_example_loads_as_settings(tmp_path: Any) -> None:
     assert done.stdout.strip() == "['extractive']"
 
 
+def mounts(service: str) -> dict[str, Path]:
+    """The service's bind mounts: container path -> the repository file or folder."""
+    found = {}
+    for volume in SERVICES[service]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            found[target] = ROOT / source
+    return found
+
+
+def test_the_telemetry_profile_scrapes_what_the_services_serve() -> None:
+    for service in TELEMETRY_SERVICES:
+        for target, source in mounts(service).items():
+            assert source.exists(), f"{service}: {source} (mounted at {target})"
+    config_file = mounts("prometheus")["/etc/prometheus/prometheus.yml"]
+    # Debian's promtool (with the prometheus package) checks it as Prometheus would.
+    checked = subprocess.run(
+        ["promtool", "check", "config", str(config_file)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    jobs = {
+        job["job_name"]: job for job in yaml.safe_load(config_file.read_text())["scrape_configs"]
+    }
+    # Every worker replica, on the port the composed worker serves /metrics on.
+    worker = container_env("worker", env_example(), "redis://unused")
+    (discovery,) = jobs["llmq-worker"]["dns_sd_configs"]
+    assert discovery["names"] == ["worker"] and discovery["type"] == "A"
+    assert str(discovery["port"]) == worker["LLM_METRICS_PORT"]
+    assert worker["LLM_METRICS_HOST"] == "0.0.0.0"  # reachable from the Prometheus container
+    assert "ports" not in SERVICES["worker"]  # ... and from nowhere else
+    web = SERVICES["web"]["command"]
+    assert jobs["llmq-web"]["static_configs"] == [
+        {"targets": [f"web:{web[web.index('--port') + 1]}"]}
+    ]
+    # Grafana: its data source is that Prometheus, and it loads the dashboard from the repo.
+    grafana = mounts("grafana")
+    provisioning = grafana["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert source["url"] == "http://prometheus:9090"
+    assert SERVICES["prometheus"]["ports"][0].endswith(":9090")
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "llmq.yml").read_text())[
+        "providers"
+    ]
+    dashboard = provider["options"]["path"] + "/llmq.json"
+    assert grafana[dashboard] == ROOT / "deploy" / "grafana" / "llmq.json"
+    panels = json.loads(grafana[dashboard].read_text())["panels"]
+    assert {p["datasource"]["uid"] for p in panels} == {source["uid"]}
+
+
 def test_compose_refuses_to_start_flower_without_a_password() -> None:
     dotenv = env_example()
     assert dotenv["FLOWER_PASSWORD"] == ""
@@ -252,7 +312,13 @@ def test_the_composed_worker_and_front_answer_a_job(
 ) -> None:
     # .env.example as the .env: the offline provider, no key anywhere.
     dotenv = {**env_example(), "FLOWER_PASSWORD": "flower-pw-51"}
-    worker = Worker(container_env("worker", dotenv, isolated.url), run_dir, concurrency=2)
+    # The composed port (9100) in a test port: other tests' workers may be running.
+    metrics_port = free_port()
+    composed = {
+        **container_env("worker", dotenv, isolated.url),
+        "LLM_METRICS_PORT": str(metrics_port),
+    }
+    worker = Worker(composed, run_dir, concurrency=2)
     try:
         worker.wait_ready(isolated.app)
         with serve_front(container_env("web", dotenv, isolated.url), run_dir) as (base, log):
@@ -273,6 +339,11 @@ def test_the_composed_worker_and_front_answer_a_job(
             assert result["state"] == "SUCCESS", result
             assert result["result"]["provider"] == "extractive"
             assert "LLM_HTTP_AUTH=false" not in log.read_text()
+            # What the telemetry profile's Prometheus scrapes: the worker and the front.
+            page = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            assert 'llmq_jobs_total{outcome="completed"} 1.0' in page
+            front = requests.get(f"{base}/metrics", timeout=10).text
+            assert 'route="/v1/completions",status="202"} 1.0' in front
     finally:
         worker.stop()
 

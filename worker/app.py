@@ -165,6 +165,9 @@ def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """Record when a job was sent, for its queue wait."""
     if headers is not None and str(headers.get("task", "")).startswith(TASK_PREFIX):
         headers.setdefault(SENT_AT_HEADER, time.time())
+        from worker import telemetry
+
+        telemetry.inject(headers)
 
 
 def _json_logging(**_: Any) -> None:
@@ -196,6 +199,9 @@ def _check_settings(**_: Any) -> None:
         get_settings().check_worker_ready()
         redis_checks.prepare_worker(get_settings())
         pipeline().warm()
+        from worker import telemetry
+
+        telemetry.start_worker(get_settings())
     except Exception as exc:
         from worker.secrets import scrub
 

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from worker import telemetry
 from worker.errors import ProviderError, ProviderRequestError
 from worker.keyspace import CIRCUIT, CIRCUITS, CircuitKeys
 from worker.logs import logger
@@ -115,10 +116,12 @@ class CircuitBreaker:
     def admit(self, provider: str) -> Admission:
         """CLOSED (call), PROBE (call: you are the one half-open probe) or OPEN (skip)."""
         try:
-            return self.admission(self.scripts.run(self.admit_part(provider)))
+            admission = self.admission(self.scripts.run(self.admit_part(provider)))
         except redis.RedisError as exc:
             logger.warning("circuit breaker unavailable, calling %s anyway: %s", provider, exc)
             return Admission.CLOSED
+        observe_admission(provider, admission)
+        return admission
 
     def admit_part(self, provider: str) -> Part:
         """The script part that asks the provider's circuit (and may take the probe)."""
@@ -154,6 +157,11 @@ class CircuitBreaker:
         except redis.RedisError as exc:
             logger.warning("circuit breaker unavailable, %s not recorded: %s", provider, exc)
             return
+        opened = new_state == "opened"
+        new_state = "open" if opened else new_state
+        if not neutral:
+            # A probe's result always changes the state: half-open to closed or open.
+            telemetry.on_breaker(provider, str(new_state), transition=opened or probe)
         if probe and not neutral:
             name = self.circuit(provider)
             logger.warning("circuit %s probe %s: now %s", name, counts_against(error), new_state)
@@ -232,6 +240,12 @@ def open_circuits(client: redis.Redis) -> list[dict[str, Any]]:
     return found
 
 
+def observe_admission(provider: str, admission: Admission) -> None:
+    """Tell telemetry what the circuit said; taking the probe moves it open to half-open."""
+    state = {Admission.CLOSED: "closed", Admission.PROBE: "half_open"}.get(admission, "open")
+    telemetry.on_breaker(provider, state, transition=admission is Admission.PROBE)
+
+
 class DeferredGate:
     """The breaker as one job sees it: its first admission known, successes written last.
 
@@ -250,7 +264,10 @@ class DeferredGate:
     def admit(self, provider: str) -> Admission:
         """The admission the job's script found, once; then the breaker's own."""
         known = self.known.pop(provider, None)
-        return known if known is not None else self.breaker.admit(provider)
+        if known is None:
+            return self.breaker.admit(provider)
+        observe_admission(provider, known)
+        return known
 
     def is_open(self, provider: str) -> bool:
         """Whether the provider's circuit is open now."""

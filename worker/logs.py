@@ -9,6 +9,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from worker import telemetry
+
 call_logger = logging.getLogger("llmq.calls")
 job_logger = logging.getLogger("llmq.jobs")
 logger = logging.getLogger("llmq")
@@ -52,9 +54,11 @@ def log_call(**fields: Any) -> None:
     """One provider attempt."""
     level = logging.ERROR if fields.get("error_kind") == "AuthenticationError" else logging.INFO
     call_logger.log(level, "llm_call", extra={"event": "llm_call", **fields})
+    telemetry.on_call(fields)
 
 
 def log_job(**fields: Any) -> None:
     """One finished (or failed) job."""
     level = logging.WARNING if fields.get("error") or fields.get("alert") else logging.INFO
     job_logger.log(level, "llm_job", extra={"event": "llm_job", **fields})
+    telemetry.on_job(fields)

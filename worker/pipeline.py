@@ -160,6 +160,7 @@ class Pipeline:
         try:
             plan = self.plan(job)  # 2. cost guard: price, per-request budget, context window
             flight = self.reuse.flight(job, task_id=context.task_id)
+            context.log_fields["cacheable"] = flight.request is not None
             # 4, 2-3. One round trip: the request_id's stored result or a cache hit (no
             # call, nothing reserved), or the leases, the first provider's circuit, the
             # daily budget and the rate limits for the first attempt.
@@ -354,6 +355,8 @@ class Pipeline:
                 attempt=attempt.number,
                 input_tokens=usage.input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None,
+                cached_input_tokens=usage.cached_input_tokens if usage else None,
+                reasoning_tokens=usage.reasoning_tokens if usage else None,
                 cost_usd=float(round(charge.cost_usd, 10)) if charge else 0.0,
                 charged_as=charge.charged_as if charge else None,
                 latency_ms=round(attempt.latency_ms, 3),

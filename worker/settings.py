@@ -246,6 +246,19 @@ class Settings(BaseSettings):
     )
     # --- end HTTP front ------------------------------------------------------------
 
+    # --- Telemetry (issue 17) ------------------------------------------------------
+    # Each worker serves Prometheus /metrics on this port (unset: no server, no metrics).
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=_env("LLM_METRICS_PORT")
+    )
+    metrics_host: str = Field("0.0.0.0", validation_alias=_env("LLM_METRICS_HOST"))
+    # Users named here get their own `tenant` label (everyone else: "other"); unset, no
+    # tenant label at all: user ids are unbounded, and Prometheus keeps a series per value.
+    metrics_tenants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("LLM_METRICS_TENANTS")
+    )
+    # --- end Telemetry ---------------------------------------------------------------
+
     @model_validator(mode="after")
     def _deadline_below_visibility_timeout(self) -> Settings:
         # A job still running when its message becomes visible again runs twice; a
@@ -263,7 +276,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("fallbacks", mode="before")
+    @field_validator("fallbacks", "metrics_tenants", mode="before")
     @classmethod
     def _split_fallbacks(cls, value: object) -> object:
         if isinstance(value, str):

@@ -11,7 +11,7 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, Retry
 
-from worker import logs
+from worker import logs, telemetry
 from worker.app import app
 from worker.connections import redis_client
 from worker.constants import BATCH_QUEUE, COMPLETE_TASK, DEFERRED_SINCE_HEADER, SENT_AT_HEADER
@@ -165,6 +165,7 @@ def defer_or_fail(
             f"{exc} Gave up after deferring {now - first:.1f}s "
             f"(LLM_DEFER_MAX_WAIT_SECONDS={settings.defer_max_wait_seconds:g})."
         )
+    telemetry.on_deferred(exc.limit_name)
     logs.job_logger.info(
         "llm_deferred",
         extra={

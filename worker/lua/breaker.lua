@@ -15,7 +15,7 @@ end
 -- KEYS: circuit hash, probe lock, window counters, index of circuits.
 -- ARGV: now, result (success|failure|neutral), probe (1|0), failures in a row,
 --       failure rate, min calls, window seconds, cooldown, last error, circuit, key ttl.
--- Reply: the state after it ('closed' or 'open').
+-- Reply: the state after it ('closed' or 'open'), 'opened' when this call opened it.
 llmq.breaker_record = function(KEYS, ARGV)
   local now = tonumber(ARGV[1])
   local result, probe = ARGV[2], ARGV[3] == '1'
@@ -59,7 +59,7 @@ llmq.breaker_record = function(KEYS, ARGV)
       or (failures .. ' of ' .. calls .. ' calls failed')
     redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'open_until', now + cooldown,
       'opens', 1, 'reason', reason)
-    return 'open'
+    return 'opened'
   end
   return 'closed'
 end
