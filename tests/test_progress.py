@@ -13,6 +13,7 @@ from producer.batch import BatchOptions, BatchRun, Document, Report, Totals
 from producer.progress import ProgressView, report_table
 from tests.conftest import StartWorker
 from tests.fakes import FakeProvider
+from tests.harness import Isolated
 from worker import tokens
 from worker.deferrals import Deferral, format_duration, waiting
 from worker.mapreduce import summarize_instruction, summary_max_tokens
@@ -88,7 +89,7 @@ def test_report_table_shows_every_total() -> None:
 
 
 def test_a_binding_limit_shows_as_waiting_and_is_counted_in_the_report(
-    start_worker: StartWorker, fake: FakeProvider, user_id: str
+    isolated: Isolated, start_worker: StartWorker, fake: FakeProvider, user_id: str
 ) -> None:
     words = 30
     texts = [f"Document number {i} says something short about queues." for i in range(6)]
@@ -108,9 +109,11 @@ def test_a_binding_limit_shows_as_waiting_and_is_counted_in_the_report(
         "cached_input_tokens": 0,
     }
     tag = uuid.uuid4().hex[:8]
+    # Its own broker: no other test's worker may take these jobs with other limits.
     worker = start_worker(
         concurrency=6,
         queues="llm,batch",
+        isolated=isolated,
         LLM_RATE_LIMIT_PREFIX=f"progress-{tag}",
         LLM_DEFERRED_QUEUE=f"deferred-{tag}",
         # Two documents' worst case per 3 s window: the rest are deferred, then run.
@@ -129,6 +132,7 @@ def test_a_binding_limit_shows_as_waiting_and_is_counted_in_the_report(
                 user_id=user_id, words=words, cache=False, concurrency=6, deferral_interval=0.2
             ),
             listener=view,
+            app=isolated.app,
         ).run()
     console.print(report_table(report))
     shown = output.getvalue()
