@@ -185,3 +185,7 @@ def defer_or_fail(
         headers=headers,
         throw=False,
     )
+
+
+# The Batch API mode's tasks (issue 16) register on import, after the names they use.
+import worker.batchapi.tasks  # noqa: E402, F401
