@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from producer.batch import BatchOptions, BatchRun, Document, Record, find_documents
+from producer.batch import BatchOptions, BatchRun, Document, Record
 from tests import corpus
 from tests.conftest import StartWorker
 from tests.fake_batches import USAGE_IN, USAGE_OUT, FakeBatches, Outcome, answer_text
@@ -134,8 +134,12 @@ def test_300_documents_at_half_price(
     assert {r["id"] for r in records} == {d.id for d in documents}
     chunked = [r for r in records if r["chunks"] > 1]
     assert len(chunked) >= 10  # long documents went through a combining round
+    order = {d.id: n for n, d in enumerate(documents)}
     for record in records:
-        assert record["summary"].startswith("Fake batch summary for d")
+        # A short document's own answer; a long one's from the combining round.
+        last = f"d{order[record['id']]:06d}-l{record['levels']}-p00001"
+        assert record["summary"] == answer_text(last), record["id"]
+        assert record["levels"] == (0 if record["chunks"] == 1 else 1)
         assert record["calls"] == (1 if record["chunks"] == 1 else record["chunks"] + 1)
     # Map round split by the request limit; one more round combined the long documents.
     map_requests = sum(r["chunks"] for r in records)
