@@ -85,6 +85,8 @@ class FakeBatches:
             self.created: Counter[str] = Counter()
             self.calls: Counter[str] = Counter()
             self.hold = False
+            # The next N creations make the batch, then answer 500 (a lost response).
+            self.lose_created = 0
 
     def plan(self, *outcomes: Outcome) -> None:
         """Apply `outcomes` to the next batches created, in order."""
@@ -194,7 +196,13 @@ class FakeBatches:
             metadata=dict(body.get("metadata") or {}),
             input_file_id=body["input_file_id"],
         )
-        return _json(self._openai_view(batch))
+        return self._created(batch, self._openai_view(batch))
+
+    def _created(self, batch: FakeBatch, view: dict[str, Any]) -> Response:
+        if self.lose_created > 0:
+            self.lose_created -= 1
+            return _error(500, f"fake failure after creating {batch.id}")
+        return _json(view)
 
     def _anthropic_create(self, request: Request) -> Response:
         body = json.loads(request.get_data() or b"{}")
@@ -205,7 +213,7 @@ class FakeBatches:
             "anthropic",
             [{"custom_id": r["custom_id"], "body": r["params"]} for r in requests],
         )
-        return _json(self._anthropic_view(batch))
+        return self._created(batch, self._anthropic_view(batch))
 
     def _list(self, api: str) -> Response:
         found = [self.batches[i] for i in reversed(self.order) if self.batches[i].api == api]

@@ -289,3 +289,72 @@ def test_budget_refuses_a_batch_before_creation(
     assert "over the budget of $0.0000100000" in error
     assert "worst-case estimate $" in error
     assert spent_units(isolated, user_id) == 0
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_create_whose_answer_was_lost_is_found_not_made_again(
+    provider: str,
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    worker = start_worker(isolated=isolated, **batch_env(batches, LLM_BATCH_API_MAX_REQUESTS="5"))
+    # The provider makes the first batch but its answer is lost (HTTP 500): the id is
+    # unknown, the intent is on record, and the retry must find that batch, not pay twice.
+    batches.lose_created = 1
+    documents = [
+        Document(id=f"doc{n:02d}", source=f"doc{n:02d}", text=f"Text {n}. " * 30) for n in range(12)
+    ]
+    model = MODELS[provider]
+    report, records = run_batch(isolated, documents, model=model, user_id=user_id)
+    assert report.failed == 0 and len(records) == 12
+    assert batches.created[provider] == 3  # 12 requests in batches of 5, each made once
+    assert spent_units(isolated, user_id) == to_units(realtime_price(model) * 12 / 2)
+    failures = worker.records("batch_create_failed")
+    assert len(failures) == 1 and "HTTP 500" in failures[0]["message"]
+    import redis
+
+    client = redis.Redis.from_url(isolated.url, decode_responses=True)
+    ids = {row["provider_batch_id"] for row in listing(client)}
+    assert ids == set(batches.batches)
+
+
+def test_cancel_a_batch(
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    start_worker(isolated=isolated, **batch_env(batches))
+    batches.hold = True
+    documents = [
+        Document(id=f"doc{n}", source=f"doc{n}", text=f"Text {n}. " * 30) for n in range(5)
+    ]
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["result"] = run_batch(isolated, documents, model="gpt-4o-mini", user_id=user_id)
+
+    import threading
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: batches.in_progress("openai") == 1, timeout=30, what="a batch in progress")
+    (batch_id,) = batches.batches
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "batches", "cancel", batch_id],
+        cwd=ROOT,
+        env={**os.environ, **isolated.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cancelling" in done.stdout
+    thread.join(60)
+    report, records = outcome["result"]
+    assert batches.batches[batch_id].state == "cancelled"
+    assert report.failed == 5
+    assert all("BatchNotRunError" in r["error"] and "canceled" in r["error"] for r in records)
+    assert spent_units(isolated, user_id) == 0

@@ -680,6 +680,8 @@ class BatchRunner:
                 pipe.expire(run.round(number + 1), RUN_TTL)
             if states:
                 pipe.hset(run.docs, mapping=_fields(states))
+            # The round's requests (document text) are no longer needed once it is done.
+            pipe.delete(run.round(number))
             pipe.hset(run.meta, mapping={"round": str(number + 1)})
             if not requests:
                 pipe.hset(run.meta, mapping={"state": "done", "ended_at": f"{time.time():.3f}"})
