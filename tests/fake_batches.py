@@ -87,6 +87,10 @@ class FakeBatches:
             self.hold = False
             # The next N creations make the batch, then answer 500 (a lost response).
             self.lose_created = 0
+            # The next N retrieves answer 503 (an outage of the batch endpoints).
+            self.fail_retrieves = 0
+            # When each request arrived (monotonic), to check rate limits.
+            self.times: list[float] = []
 
     def plan(self, *outcomes: Outcome) -> None:
         """Apply `outcomes` to the next batches created, in order."""
@@ -117,6 +121,7 @@ class FakeBatches:
     def _handle(self, request: Request) -> Response:
         path, method = request.path, request.method
         with self._lock:
+            self.times.append(time.monotonic())
             self.calls[f"{method} {re.sub(r'/(file|batch|msgbatch)_[^/]+', '/ID', path)}"] += 1
             if path == "/v1/files" and method == "POST":
                 return self._upload(request)
@@ -236,6 +241,9 @@ class FakeBatches:
         if cancel:
             if batch.state in ("validating", "in_progress"):
                 self._finish(batch, cancelled=True)
+        elif self.fail_retrieves > 0:
+            self.fail_retrieves -= 1
+            return _error(503, "fake outage of the batch endpoints")
         else:
             batch.retrieves += 1
             self._advance(batch)

@@ -358,3 +358,58 @@ def test_cancel_a_batch(
     assert report.failed == 5
     assert all("BatchNotRunError" in r["error"] and "canceled" in r["error"] for r in records)
     assert spent_units(isolated, user_id) == 0
+
+
+def test_batch_endpoints_behind_the_circuit_breaker(
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    worker = start_worker(
+        isolated=isolated,
+        **batch_env(
+            batches,
+            LLM_BREAKER_FAILURES="2",
+            LLM_BREAKER_MIN_CALLS="1000000",
+            LLM_BREAKER_COOLDOWN_SECONDS="0.5",
+        ),
+    )
+    batches.fail_retrieves = 3
+    documents = [
+        Document(id=f"doc{n}", source=f"doc{n}", text=f"Text {n}. " * 30) for n in range(5)
+    ]
+    report, _ = run_batch(isolated, documents, model="gpt-4o-mini", user_id=user_id)
+    assert report.failed == 0 and batches.fail_retrieves == 0
+    failures = [r["message"] for r in worker.records("batch_poll_failed")]
+    assert sum("HTTP 503" in m for m in failures) == 3
+    # Two failures opened the circuit: polls then skipped the provider until the cool-down.
+    assert any("circuit is open" in m for m in failures)
+
+
+def test_batch_endpoints_within_the_provider_request_limit(
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    start_worker(
+        isolated=isolated,
+        **batch_env(
+            batches,
+            LLM_BATCH_API_MAX_REQUESTS="2",
+            LLM_PROVIDER_LIMITS='{"openai": {"rpm": 3}}',
+            LLM_PROVIDER_WINDOW_SECONDS="1",
+        ),
+    )
+    documents = [
+        Document(id=f"doc{n}", source=f"doc{n}", text=f"Text {n}. " * 30) for n in range(6)
+    ]
+    report, _ = run_batch(isolated, documents, model="gpt-4o-mini", user_id=user_id)
+    assert report.failed == 0 and batches.created["openai"] == 3
+    times = sorted(batches.times)
+    # Never more than 3 batch API requests in any 1 s window (the SDK's upload counts too).
+    assert len(times) >= 12
+    gaps = [later - times[i] for i, later in enumerate(times[3:])]
+    # Admitted at Redis' clock, arriving a few ms later: ~0.99 s apart at the closest.
+    assert min(gaps) >= 0.95, sorted(gaps)[:5]

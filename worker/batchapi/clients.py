@@ -11,10 +11,10 @@ fails is simply tried again at the next poll.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anthropic
 import openai
@@ -82,6 +82,7 @@ class BatchClient(Protocol):
     """A provider's Batch API."""
 
     provider: str
+    guard: Guard
 
     def body(self, request: ProviderRequest) -> dict[str, Any]:
         """One request's provider-ready body."""
@@ -134,14 +135,52 @@ def _wrap(provider: str, exc: Exception) -> ProviderError:
 
 
 _SDK_ERRORS = (openai.OpenAIError, anthropic.AnthropicError, ValueError)
+T = TypeVar("T")
 
 
-class OpenAIBatches:
+class Guard(Protocol):
+    """Runs one call of `requests` HTTP requests behind the provider's circuit and limits."""
+
+    def __call__(self, provider: str, what: str, call: Callable[[], T], requests: int = 1) -> T:
+        """The call's result; raises what it raises, or why it may not run now."""
+        ...
+
+
+def unguarded(provider: str, what: str, call: Callable[[], T], requests: int = 1) -> T:
+    """No circuit, no limits: the call as it is."""
+    return call()
+
+
+class _Calls:
+    """SDK calls made through the guard, SDK errors turned into llmq's typed ones."""
+
+    provider: str
+    guard: Guard
+
+    def _call(self, what: str, call: Callable[[], T], requests: int = 1) -> T:
+        def typed() -> T:
+            try:
+                return call()
+            except _SDK_ERRORS as exc:
+                raise _wrap(self.provider, exc) from None
+
+        return self.guard(self.provider, what, typed, requests)
+
+
+class OpenAIBatches(_Calls):
     """OpenAI's Batch API on /v1/chat/completions."""
 
     provider = "openai"
 
-    def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        timeout: float,
+        guard: Guard = unguarded,
+    ) -> None:
+        self.guard = guard
         self._client = openai_provider.client(api_key=api_key, base_url=base_url, timeout=timeout)
         # Its normalizer reads a batch answer exactly as a real-time one.
         self._reader = openai_provider.OpenAIProvider(
@@ -161,21 +200,24 @@ class OpenAIBatches:
     def create(self, requests: list[tuple[str, dict[str, Any]]], *, local_id: str) -> str:
         """Upload the JSONL file, then create the batch tagged with `local_id`."""
         data = b"".join(self.line(custom_id, body) for custom_id, body in requests)
-        try:
-            uploaded = self._client.files.create(
+        uploaded = self._call(
+            "upload",
+            lambda: self._client.files.create(
                 file=(f"{local_id}.jsonl", data, "application/jsonl"),
                 purpose="batch",
                 timeout=self.timeout,
-            )
-            batch = self._client.batches.create(
+            ),
+        )
+        batch = self._call(
+            "create",
+            lambda: self._client.batches.create(
                 input_file_id=uploaded.id,
                 endpoint=CHAT_ENDPOINT,
                 completion_window="24h",
                 metadata={METADATA_KEY: local_id},
                 timeout=self.timeout,
-            )
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+            ),
+        )
         return str(batch.id)
 
     def _status(self, batch: Any) -> Status:
@@ -195,35 +237,35 @@ class OpenAIBatches:
 
     def retrieve(self, batch_id: str) -> Status:
         """The batch's status and request counts."""
-        try:
-            return self._status(self._client.batches.retrieve(batch_id, timeout=self.timeout))
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        return self._status(
+            self._call(
+                "retrieve", lambda: self._client.batches.retrieve(batch_id, timeout=self.timeout)
+            )
+        )
 
     def cancel(self, batch_id: str) -> Status:
         """Cancel: OpenAI moves it to cancelling, then cancelled with partial results."""
-        try:
-            return self._status(self._client.batches.cancel(batch_id, timeout=self.timeout))
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        return self._status(
+            self._call(
+                "cancel", lambda: self._client.batches.cancel(batch_id, timeout=self.timeout)
+            )
+        )
 
     def _lines(self, file_id: str | None) -> Iterator[dict[str, Any]]:
         if not file_id:
             return
-        try:
-            text = self._client.files.content(file_id, timeout=self.timeout).text
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        text = self._call(
+            "download", lambda: self._client.files.content(file_id, timeout=self.timeout).text
+        )
         for raw in text.splitlines():
             if raw.strip():
                 yield json.loads(raw)
 
     def results(self, batch_id: str) -> Iterator[Outcome]:
         """The output file's answers, then the error file's failures."""
-        try:
-            batch = self._client.batches.retrieve(batch_id, timeout=self.timeout)
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        batch = self._call(
+            "retrieve", lambda: self._client.batches.retrieve(batch_id, timeout=self.timeout)
+        )
         for item in self._lines(batch.output_file_id):
             yield self._outcome(item)
         for item in self._lines(batch.error_file_id):
@@ -263,10 +305,9 @@ class OpenAIBatches:
 
     def recent(self) -> list[Found]:
         """The account's 100 newest batches."""
-        try:
-            page = self._client.batches.list(limit=100, timeout=self.timeout)
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        page = self._call(
+            "list", lambda: self._client.batches.list(limit=100, timeout=self.timeout)
+        )
         return [
             Found(
                 id=str(b.id),
@@ -278,12 +319,20 @@ class OpenAIBatches:
         ]
 
 
-class AnthropicBatches:
+class AnthropicBatches(_Calls):
     """Anthropic's Message Batches."""
 
     provider = "anthropic"
 
-    def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        timeout: float,
+        guard: Guard = unguarded,
+    ) -> None:
+        self.guard = guard
         self._client = anthropic_provider.client(
             api_key=api_key, base_url=base_url, timeout=timeout
         )
@@ -304,16 +353,16 @@ class AnthropicBatches:
 
     def create(self, requests: list[tuple[str, dict[str, Any]]], *, local_id: str) -> str:
         """Create the batch with every request inline."""
-        try:
-            batch = self._client.messages.batches.create(
+        batch = self._call(
+            "create",
+            lambda: self._client.messages.batches.create(
                 requests=[
                     {"custom_id": custom_id, "params": body}  # type: ignore[typeddict-item]
                     for custom_id, body in requests
                 ],
                 timeout=self.timeout,
-            )
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+            ),
+        )
         return str(batch.id)
 
     def _status(self, batch: Any) -> Status:
@@ -332,28 +381,30 @@ class AnthropicBatches:
 
     def retrieve(self, batch_id: str) -> Status:
         """The batch's processing status and request counts."""
-        try:
-            return self._status(
-                self._client.messages.batches.retrieve(batch_id, timeout=self.timeout)
+        return self._status(
+            self._call(
+                "retrieve",
+                lambda: self._client.messages.batches.retrieve(batch_id, timeout=self.timeout),
             )
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        )
 
     def cancel(self, batch_id: str) -> Status:
         """Cancel: the batch goes to canceling, then ends with the rest canceled."""
-        try:
-            return self._status(
-                self._client.messages.batches.cancel(batch_id, timeout=self.timeout)
+        return self._status(
+            self._call(
+                "cancel",
+                lambda: self._client.messages.batches.cancel(batch_id, timeout=self.timeout),
             )
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        )
 
     def results(self, batch_id: str) -> Iterator[Outcome]:
         """The streamed results, one per request."""
-        try:
-            items = list(self._client.messages.batches.results(batch_id, timeout=self.timeout))
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        # The SDK retrieves the batch for its results_url, then streams them: 2 requests.
+        items = self._call(
+            "results",
+            lambda: list(self._client.messages.batches.results(batch_id, timeout=self.timeout)),
+            requests=2,
+        )
         for item in items:
             custom_id, result = str(item.custom_id), item.result
             if result.type == "succeeded":
@@ -375,10 +426,9 @@ class AnthropicBatches:
 
     def recent(self) -> list[Found]:
         """The account's 100 newest batches."""
-        try:
-            page = self._client.messages.batches.list(limit=100, timeout=self.timeout)
-        except _SDK_ERRORS as exc:
-            raise _wrap(self.provider, exc) from None
+        page = self._call(
+            "list", lambda: self._client.messages.batches.list(limit=100, timeout=self.timeout)
+        )
         found = []
         for b in page.data:
             status = self._status(b)

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -49,10 +49,12 @@ from worker.chunking import Chunker
 from worker.connections import redis_client
 from worker.errors import (
     BatchAmbiguousError,
+    CircuitOpenError,
     ConfigurationError,
     DailyBudgetExceededError,
     LLMQError,
     ProviderError,
+    RateLimitedError,
 )
 from worker.guard import count_input_tokens
 from worker.mapreduce import (
@@ -69,6 +71,7 @@ from worker.mapreduce import (
 from worker.models import Message, Usage
 from worker.pipeline import Pipeline
 from worker.providers.base import ProviderRequest
+from worker.resilience import Admission
 from worker.spend import SpendTracker, to_units, to_usd, utc_day
 
 logger = logging.getLogger("llmq.batchapi")
@@ -78,6 +81,10 @@ ENDED_STATES = frozenset({"done", "refused", "ambiguous", "unsubmitted"})
 RUN_TTL = 30 * 86_400
 LOCK_SECONDS = 120
 
+T = TypeVar("T")
+# A Batch API call that cannot be made now (its circuit is open, its provider's requests
+# per minute are used up) or failed: tried again at the next poll.
+NOT_NOW = (ProviderError, RateLimitedError)
 # Sends a task by name with kwargs after a countdown (seconds).
 Send = Callable[[str, dict[str, Any], float], None]
 POLL_TASK = "llm.batchapi.poll"
@@ -151,8 +158,53 @@ class BatchRunner:
                 api_key=key.get_secret_value(),
                 base_url=base,
                 timeout=self.settings.timeout_seconds,
+                guard=self.guarded,
             )
         return self._clients[provider]
+
+    def guarded(self, provider: str, what: str, call: Callable[[], T], requests: int = 1) -> T:
+        """A Batch API call behind the provider's circuit and its requests-per-minute limits."""
+        breaker, limiter = self.pipeline.breaker, self.pipeline.limiter
+        admission = breaker.admit(provider)
+        if admission is Admission.OPEN:
+            raise CircuitOpenError(
+                f"{provider}'s circuit is open: the batch API call ({what}) waits for the next "
+                "poll",
+                provider=provider,
+            )
+        probe = admission is Admission.PROBE
+        limits = [
+            limit for limit in limiter.shared_limits(provider=provider) if limit.unit == "requests"
+        ]
+        held = []
+        try:
+            for _ in range(requests if limits else 0):
+                held.append(
+                    limiter.reserve(
+                        limits,
+                        tokens=0,
+                        reservation_id=f"batchapi:{uuid.uuid4().hex}",
+                        user_id="batchapi",
+                    )
+                )
+        except RateLimitedError:
+            for reservation in held:
+                if reservation is not None:
+                    reservation.release()
+            if probe:
+                breaker.abandon_probe(provider)
+            raise
+        try:
+            result = call()
+        except ProviderError as exc:
+            breaker.record(provider, error=exc, probe=probe)
+            raise
+        except BaseException:
+            if probe:
+                breaker.abandon_probe(provider)
+            raise
+        breaker.record(provider, error=None, probe=probe)
+        return result
 
     def poll_countdown(self) -> float:
         """Seconds to the next poll: within the visibility timeout, so it is not redelivered."""
@@ -352,7 +404,7 @@ class BatchRunner:
             self._record_intent(local_id, meta, number, custom_ids, worst)
             try:
                 self._create(local_id, group)
-            except ProviderError as exc:
+            except NOT_NOW as exc:
                 # Whether it exists is unknown: the next try looks in the provider's list.
                 logger.warning(
                     "batch creation failed (tried again, looking for it first): %s",
@@ -517,7 +569,7 @@ class BatchRunner:
             client = self.client(record["provider"])
             try:
                 status = client.retrieve(record["provider_id"])
-            except ProviderError as exc:
+            except NOT_NOW as exc:
                 logger.warning(
                     "batch poll failed (tried again at the next poll): %s",
                     exc,
@@ -540,7 +592,7 @@ class BatchRunner:
                 return
             try:
                 self._collect(record, client, status.errors)
-            except ProviderError as exc:
+            except NOT_NOW as exc:
                 logger.warning(
                     "batch results not read (tried again at the next poll): %s",
                     exc,
@@ -562,7 +614,7 @@ class BatchRunner:
         expected: list[str] = json.loads(record["custom_ids"])
         seen: set[str] = set()
         answers: dict[str, str] = {}
-        for outcome in client.results(record["provider_id"]):
+        for outcome in list(client.results(record["provider_id"])):
             if outcome.custom_id not in expected or outcome.custom_id in seen:
                 continue
             seen.add(outcome.custom_id)
@@ -793,7 +845,8 @@ class BatchRunner:
             raise LLMQError(
                 f"Batch {record['local_id']} is {record.get('state')}; there is nothing to cancel."
             )
-        status = self.client(record["provider"]).cancel(record["provider_id"])
+        client = self.client(record["provider"])
+        status = client.cancel(record["provider_id"])
         keys = keyspace.ProviderBatchKeys(local_id=record["local_id"])
         self.redis.hset(keys.state, mapping={"provider_state": status.provider_state})
         self.schedule(record["local_id"], 0.0)
