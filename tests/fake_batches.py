@@ -28,6 +28,26 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 USAGE_IN = 11
+# What a Message Batches request's params may hold (the Messages API's body).
+MESSAGES_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "metadata",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "service_tier",
+        "stream",
+    }
+)
 USAGE_OUT = 7
 
 
@@ -214,6 +234,10 @@ class FakeBatches:
         requests = body.get("requests")
         if not isinstance(requests, list) or not requests:
             return _error(400, "requests must be a non-empty list")
+        for item in requests:
+            unknown = set(item.get("params") or {}) - MESSAGES_PARAMS
+            if unknown or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(item.get("custom_id"))):
+                return _error(400, f"invalid request {item.get('custom_id')}: {sorted(unknown)}")
         batch = self._new(
             "anthropic",
             [{"custom_id": r["custom_id"], "body": r["params"]} for r in requests],

@@ -344,7 +344,9 @@ class AnthropicBatches(_Calls):
     def body(self, request: ProviderRequest) -> dict[str, Any]:
         """Messages API params, as the real-time provider sends them (extra_body merged in)."""
         body = anthropic_provider.request_body(request)
-        return {**body, **body.pop("extra_body", {})}
+        # The SDK's extra_body (temperature, top_p) is part of the params in a batch.
+        extra = body.pop("extra_body", {})
+        return {**body, **extra}
 
     def line(self, custom_id: str, body: dict[str, Any]) -> bytes:
         """One request of the batch body."""
