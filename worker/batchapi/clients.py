@@ -92,8 +92,14 @@ class BatchClient(Protocol):
         """The request as it is sent within the batch, to size batches by."""
         ...
 
-    def create(self, requests: list[tuple[str, dict[str, Any]]], *, local_id: str) -> str:
-        """Create the batch; returns the provider's batch id."""
+    def create(
+        self,
+        requests: list[tuple[str, dict[str, Any]]],
+        *,
+        local_id: str,
+        sending: Callable[[], None] = lambda: None,
+    ) -> str:
+        """Create the batch (`sending` runs just before the request that makes it)."""
         ...
 
     def retrieve(self, batch_id: str) -> Status:
@@ -197,7 +203,13 @@ class OpenAIBatches(_Calls):
         item = {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
         return (json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
-    def create(self, requests: list[tuple[str, dict[str, Any]]], *, local_id: str) -> str:
+    def create(
+        self,
+        requests: list[tuple[str, dict[str, Any]]],
+        *,
+        local_id: str,
+        sending: Callable[[], None] = lambda: None,
+    ) -> str:
         """Upload the JSONL file, then create the batch tagged with `local_id`."""
         data = b"".join(self.line(custom_id, body) for custom_id, body in requests)
         uploaded = self._call(
@@ -208,16 +220,18 @@ class OpenAIBatches(_Calls):
                 timeout=self.timeout,
             ),
         )
-        batch = self._call(
-            "create",
-            lambda: self._client.batches.create(
+
+        def make() -> Any:
+            sending()
+            return self._client.batches.create(
                 input_file_id=uploaded.id,
                 endpoint=CHAT_ENDPOINT,
                 completion_window="24h",
                 metadata={METADATA_KEY: local_id},
                 timeout=self.timeout,
-            ),
-        )
+            )
+
+        batch = self._call("create", make)
         return str(batch.id)
 
     def _status(self, batch: Any) -> Status:
@@ -353,18 +367,26 @@ class AnthropicBatches(_Calls):
         item = {"custom_id": custom_id, "params": body}
         return (json.dumps(item, ensure_ascii=False, separators=(",", ":")) + ",").encode()
 
-    def create(self, requests: list[tuple[str, dict[str, Any]]], *, local_id: str) -> str:
+    def create(
+        self,
+        requests: list[tuple[str, dict[str, Any]]],
+        *,
+        local_id: str,
+        sending: Callable[[], None] = lambda: None,
+    ) -> str:
         """Create the batch with every request inline."""
-        batch = self._call(
-            "create",
-            lambda: self._client.messages.batches.create(
+
+        def make() -> Any:
+            sending()
+            return self._client.messages.batches.create(
                 requests=[
                     {"custom_id": custom_id, "params": body}  # type: ignore[typeddict-item]
                     for custom_id, body in requests
                 ],
                 timeout=self.timeout,
-            ),
-        )
+            )
+
+        batch = self._call("create", make)
         return str(batch.id)
 
     def _status(self, batch: Any) -> Status:

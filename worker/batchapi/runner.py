@@ -206,10 +206,20 @@ class BatchRunner:
         breaker.record(provider, error=None, probe=probe)
         return result
 
+    def countdown_after(self, error: Exception) -> float:
+        """When to try a call that could not run: when its rate limit frees up, else next poll."""
+        wait = getattr(error, "retry_after", None)
+        if isinstance(error, RateLimitedError) and wait is not None and wait != float("inf"):
+            return min(max(self.poll_countdown(), float(wait) + 0.05), self.poll_cap())
+        return self.poll_countdown()
+
+    def poll_cap(self) -> float:
+        """The longest countdown a task may wait without being redelivered."""
+        return max(1.0, self.settings.visibility_timeout - self.settings.job_deadline_seconds - 5)
+
     def poll_countdown(self) -> float:
         """Seconds to the next poll: within the visibility timeout, so it is not redelivered."""
-        cap = max(1.0, self.settings.visibility_timeout - self.settings.job_deadline_seconds - 5)
-        return min(self.settings.batch_api_poll_seconds, cap)
+        return min(self.settings.batch_api_poll_seconds, self.poll_cap())
 
     def schedule(self, local_id: str, countdown: float) -> None:
         """Poll the batch after `countdown`; an older chain of polls of it stops."""
@@ -398,6 +408,7 @@ class BatchRunner:
         )
         worst = {cid: int(item["worst_units"]) for cid, item in requests}
         self.redis.hset(run.meta, f"round:{number}:batches", str(len(groups)))
+        retry: float | None = None
         for g, group in enumerate(groups):
             local_id = f"{run_id}-r{number}-b{g}"
             custom_ids = [cid for cid, _ in group]
@@ -411,7 +422,10 @@ class BatchRunner:
                     exc,
                     extra={"event": "batch_create_failed", "batch": local_id},
                 )
-                self.send(SUBMIT_TASK, {"run": run_id, "round": number}, self.poll_countdown())
+                retry = max(retry or 0.0, self.countdown_after(exc))
+        if retry is not None:
+            # One retry of the whole round: the batches already made are skipped then.
+            self.send(SUBMIT_TASK, {"run": run_id, "round": number}, retry)
 
     def _record_intent(
         self,
@@ -488,9 +502,14 @@ class BatchRunner:
                     ended = True
                     return
             if provider_id is None:
-                self.redis.hset(keys.state, "attempted", f"{time.time():.3f}")
                 try:
-                    provider_id = client.create(group, local_id=local_id)
+                    # Marked just before the request that makes the batch: from then on,
+                    # whether it exists is unknown until the provider says.
+                    provider_id = client.create(
+                        group,
+                        local_id=local_id,
+                        sending=lambda: self._attempted(keys),
+                    )
                 except ProviderError as exc:
                     if exc.status is not None and exc.status < 500 and exc.status != 429:
                         # The provider refused the batch itself: it will not be created.
@@ -528,6 +547,9 @@ class BatchRunner:
             self.redis.delete(keys.lock)
             if ended:
                 self._round_ended(record)
+
+    def _attempted(self, keys: keyspace.ProviderBatchKeys) -> None:
+        self.redis.hset(keys.state, "attempted", f"{time.time():.3f}")
 
     def _find(self, client: BatchClient, record: dict[str, str]) -> str | None:
         """The provider batch an interrupted create may have made, if the list shows one."""
@@ -575,7 +597,7 @@ class BatchRunner:
                     exc,
                     extra={"event": "batch_poll_failed", "batch": local_id},
                 )
-                self.schedule(local_id, self.poll_countdown())
+                self.schedule(local_id, self.countdown_after(exc))
                 return
             self.redis.hset(
                 keys.state,
@@ -598,7 +620,7 @@ class BatchRunner:
                     exc,
                     extra={"event": "batch_poll_failed", "batch": local_id},
                 )
-                self.schedule(local_id, self.poll_countdown())
+                self.schedule(local_id, self.countdown_after(exc))
                 return
             self.redis.hset(keys.state, mapping={"state": "done", "ended_at": f"{time.time():.3f}"})
             self._release(record)
