@@ -418,3 +418,42 @@ def test_batch_endpoints_within_the_provider_request_limit(
         "RateLimitedError" in r["message"] or "rate" in r["message"].lower()
         for r in worker.records("batch_poll_failed", "batch_create_failed")
     )
+
+
+def test_a_killed_worker_leaves_nothing_behind(
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    # Its unacknowledged tasks (the start, the polls waiting out their countdown) are
+    # handed out again after the visibility timeout, to the next worker.
+    env = batch_env(
+        batches,
+        LLM_BATCH_API_MAX_REQUESTS="5",
+        LLM_VISIBILITY_TIMEOUT="10",
+        LLM_JOB_DEADLINE_SECONDS="3",
+    )
+    first = start_worker(isolated=isolated, **env)
+    batches.hold = True
+    documents = [
+        Document(id=f"doc{n}", source=f"doc{n}", text=f"Text {n}. " * 30) for n in range(10)
+    ]
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["result"] = run_batch(isolated, documents, model="gpt-4o-mini", user_id=user_id)
+
+    import threading
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: batches.in_progress("openai") == 2, timeout=30, what="two batches")
+    first.kill()
+    batches.release()
+    start_worker(isolated=isolated, **env)
+    thread.join(120)
+    report, records = outcome["result"]
+    assert report.failed == 0 and len(records) == 10
+    assert batches.created["openai"] == 2  # polled by the second worker, not made again
+    assert spent_units(isolated, user_id) == to_units(realtime_price("gpt-4o-mini") * 10 / 2)

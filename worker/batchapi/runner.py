@@ -79,7 +79,11 @@ logger = logging.getLogger("llmq.batchapi")
 ENDED_STATES = frozenset({"done", "refused", "ambiguous", "unsubmitted"})
 # Run keys outlive the longest batch (24 h) and a month of `llmq batches`.
 RUN_TTL = 30 * 86_400
-LOCK_SECONDS = 120
+
+
+class _Busy(Exception):
+    """Another delivery holds the batch's lock (or held it when its worker died)."""
+
 
 T = TypeVar("T")
 # A Batch API call that cannot be made now (its circuit is open, its provider's requests
@@ -212,6 +216,11 @@ class BatchRunner:
         if isinstance(error, RateLimitedError) and wait is not None and wait != float("inf"):
             return min(max(self.poll_countdown(), float(wait) + 0.05), self.poll_cap())
         return self.poll_countdown()
+
+    def lock_seconds(self) -> int:
+        """How long a batch's lock outlives a worker that died holding it."""
+        # A poll or a create is a few provider calls, each within LLM_TIMEOUT_SECONDS.
+        return int(max(30, 6 * self.settings.timeout_seconds))
 
     def poll_cap(self) -> float:
         """The longest countdown a task may wait without being redelivered."""
@@ -415,6 +424,8 @@ class BatchRunner:
             self._record_intent(local_id, meta, number, custom_ids, worst)
             try:
                 self._create(local_id, group)
+            except _Busy:
+                retry = max(retry or 0.0, self.poll_countdown())
             except NOT_NOW as exc:
                 # Whether it exists is unknown: the next try looks in the provider's list.
                 logger.warning(
@@ -461,8 +472,8 @@ class BatchRunner:
     def _create(self, local_id: str, group: list[tuple[str, dict[str, Any]]]) -> None:
         """Reserve, then create (or find) the provider batch; record its id, schedule its poll."""
         keys = keyspace.ProviderBatchKeys(local_id=local_id)
-        if not self.redis.set(keys.lock, "create", nx=True, ex=LOCK_SECONDS):
-            return  # another delivery is creating it
+        if not self.redis.set(keys.lock, "create", nx=True, ex=self.lock_seconds()):
+            raise _Busy(local_id)  # another delivery is creating it, or died doing so
         ended = False
         record: dict[str, str] = {}
         try:
@@ -577,8 +588,12 @@ class BatchRunner:
     def poll(self, local_id: str, token: str | None = None) -> None:
         """Check one provider batch; record its results once ended, else poll again later."""
         keys = keyspace.ProviderBatchKeys(local_id=local_id)
-        if not self.redis.set(keys.lock, "poll", nx=True, ex=LOCK_SECONDS):
-            return  # the holder polls again, or its redelivery does
+        if not self.redis.set(keys.lock, "poll", nx=True, ex=self.lock_seconds()):
+            # Its holder schedules the next poll, unless it died: then this chain goes on
+            # once the lock expires (the holder's own next poll, if any, retires this one).
+            wait = max(self.poll_countdown(), self.redis.ttl(keys.lock) or 0)
+            self.schedule(local_id, min(float(wait), self.poll_cap()))
+            return
         try:
             record: dict[str, str] = self.redis.hgetall(keys.state)  # type: ignore[assignment]
             if not record:
@@ -731,7 +746,10 @@ class BatchRunner:
         """After round `number`: finish documents, plan and submit the next round."""
         run = keyspace.BatchRunKeys(run_id=run_id)
         token = uuid.uuid4().hex
-        if not self.redis.set(run.lock, token, nx=True, ex=LOCK_SECONDS):
+        if not self.redis.set(run.lock, token, nx=True, ex=self.lock_seconds()):
+            # Another task is advancing the run, or died doing so: look again later (a
+            # no-op once the round has advanced).
+            self.send(SUBMIT_TASK, {"run": run_id, "round": number}, self.poll_countdown())
             return
         try:
             meta: dict[str, str] = self.redis.hgetall(run.meta)  # type: ignore[assignment]
