@@ -63,6 +63,11 @@ def _summarize(args: argparse.Namespace) -> int:
         console.print(Text(f"interrupted: the documents finished so far are saved{saved}"))
         return 130
     console.print(report_table(report))
+    if report.interrupted and run.options.batch_api:
+        console.print(
+            "the provider batches keep running: run the same command again to collect "
+            "their results (`llmq batches` shows them)"
+        )
     if report.interrupted:
         return 130
     return 1 if report.failed else 0
