@@ -457,3 +457,49 @@ def test_a_killed_worker_leaves_nothing_behind(
     assert report.failed == 0 and len(records) == 10
     assert batches.created["openai"] == 2  # polled by the second worker, not made again
     assert spent_units(isolated, user_id) == to_units(realtime_price("gpt-4o-mini") * 10 / 2)
+
+
+# --- pieces without workers ------------------------------------------------------------
+
+
+def test_split_by_request_count_and_bytes() -> None:
+    from worker.batchapi.clients import AnthropicBatches, OpenAIBatches, split
+
+    client = OpenAIBatches(api_key="sk-test", base_url="http://127.0.0.1:9", timeout=1)
+    requests = [
+        (f"c{n:03d}", {"model": "m", "messages": [{"content": "x" * 90}]}) for n in range(10)
+    ]
+    size = len(client.line(*requests[0]))
+    by_count = split(requests, client, max_requests=4, max_bytes=10**9)
+    assert [len(g) for g in by_count] == [4, 4, 2]
+    by_bytes = split(requests, client, max_requests=100, max_bytes=3 * size)
+    assert [len(g) for g in by_bytes] == [3, 3, 3, 1]
+    assert [c for g in by_bytes for c, _ in g] == [c for c, _ in requests]  # order kept
+    anthropic = AnthropicBatches(api_key="sk-ant-test", base_url="http://127.0.0.1:9", timeout=1)
+    with pytest.raises(Exception, match="more than a whole batch may hold"):
+        split(requests, anthropic, max_requests=100, max_bytes=size // 2)
+
+
+def test_batch_prices_half_or_the_files_batch_rates(tmp_path: Path) -> None:
+    from worker.batchapi.money import batch_cost, worst_case
+
+    usage = Usage(input_tokens=1_000_000, output_tokens=2_000_000)
+    price = load_prices().get("gpt-4o-mini")
+    assert batch_cost(price, usage) == price.cost(usage) / 2
+    assert (
+        worst_case(price, input_tokens=10, output_tokens=20)
+        == price.cost(Usage(input_tokens=10, output_tokens=20)) / 2
+    )
+    prices = tmp_path / "prices.toml"
+    prices.write_text("[models.gpt-4o-mini]\nbatch_input = 0.1\nbatch_output = 0.25\n")
+    custom = load_prices(str(prices)).get("gpt-4o-mini")
+    assert batch_cost(custom, usage) == Decimal("0.1") + Decimal("0.5")
+
+
+def test_cli_batch_api_flag_and_default() -> None:
+    from producer.cli import parser
+
+    assert parser().parse_args(["summarize", "x"]).batch_api is None  # LLM_BATCH_API decides
+    assert parser().parse_args(["summarize", "x", "--batch-api"]).batch_api is True
+    assert parser().parse_args(["summarize", "x", "--no-batch-api"]).batch_api is False
+    assert parser().parse_args(["batches", "cancel", "b1"]).batch_id == "b1"
