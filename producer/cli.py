@@ -52,9 +52,15 @@ def _summarize(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None,
         listener=view,
     )
+    from worker.errors import LLMQError
+
     try:
         with stop_on_signals(run, on_stop=view.stopping), view:
             report = run.run()
+    except LLMQError as exc:
+        # A run the workers refused as a whole (the Batch API mode's model, key, input).
+        print(f"llmq summarize: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from rich.text import Text
 

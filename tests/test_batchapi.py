@@ -503,3 +503,32 @@ def test_cli_batch_api_flag_and_default() -> None:
     assert parser().parse_args(["summarize", "x", "--batch-api"]).batch_api is True
     assert parser().parse_args(["summarize", "x", "--no-batch-api"]).batch_api is False
     assert parser().parse_args(["batches", "cancel", "b1"]).batch_id == "b1"
+
+
+def test_bad_runs_fail_typed_with_no_provider_call(
+    batches: FakeBatches,
+    isolated: Isolated,
+    start_worker: StartWorker,
+    user_id: str,
+) -> None:
+    from worker.errors import ConfigurationError, InvalidJobError
+
+    start_worker(isolated=isolated, **batch_env(batches))
+    bad = isolated.app.send_task(
+        "llm.batchapi.start",
+        kwargs={
+            "documents": [{"key": "k", "id": "d", "text": "SECRET-TEXT", "extra": 1}],
+            "options": {"user_id": user_id, "words": "40"},
+        },
+        queue="batch",
+    )
+    with pytest.raises(InvalidJobError) as raised:
+        bad.get(timeout=30)
+    message = str(raised.value)
+    assert "documents.0.extra" in message and "options.words" in message
+    assert "SECRET-TEXT" not in message
+    documents = [Document(id="d", source="d", text="Some text. " * 20)]
+    # The offline extractive model has no Batch API: refused as a whole, typed.
+    with pytest.raises(ConfigurationError, match="needs an OpenAI or Anthropic model"):
+        run_batch(isolated, documents, model="extractive", user_id=user_id)
+    assert sum(batches.calls.values()) == 0

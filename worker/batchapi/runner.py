@@ -256,16 +256,6 @@ class BatchRunner:
         Returns which run owns each document key: this run, or an earlier one still
         running or finished with a summary, whose results the caller then reads.
         """
-        run = keyspace.BatchRunKeys(run_id=run_id)
-        owners: dict[str, str] = {}
-        mine: list[dict[str, str]] = []
-        for document in documents:
-            owner = self._claim(document["key"], run_id)
-            owners[document["key"]] = owner
-            if owner == run_id:
-                mine.append(document)
-        if not mine:
-            return {"run_id": run_id, "owners": owners}
         job = SummaryJob(
             document_id="run",
             words=options.words,
@@ -276,6 +266,17 @@ class BatchRunner:
         )
         model = self.summarizer.model(job)
         price = self.pipeline.prices.get(model)
+        self.client(price.provider)  # no Batch API or no key: refused before any claim
+        run = keyspace.BatchRunKeys(run_id=run_id)
+        owners: dict[str, str] = {}
+        mine: list[dict[str, str]] = []
+        for document in documents:
+            owner = self._claim(document["key"], run_id)
+            owners[document["key"]] = owner
+            if owner == run_id:
+                mine.append(document)
+        if not mine:
+            return {"run_id": run_id, "owners": owners}
         meta = {
             "run_id": run_id,
             "user_id": options.user_id,

@@ -11,15 +11,42 @@ import threading
 from typing import Any
 
 from celery import Task
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.app import app
 from worker.batchapi.runner import BatchRunner, RunOptions
 from worker.constants import BATCH_QUEUE
-from worker.errors import LLMQError
+from worker.errors import InvalidJobError, LLMQError
 from worker.tasks import LLMTask, pipeline
 
 _runner: BatchRunner | None = None
 _lock = threading.Lock()
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=2000)
+    text: str
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: str = Field(min_length=1, max_length=200)
+    words: int = Field(ge=5, le=5000)
+    model: str | None = Field(None, min_length=1, max_length=200)
+    chunk_tokens: int | None = Field(None, ge=64, le=2_000_000)
+
+
+class _Start(BaseModel):
+    """`llm.batchapi.start` kwargs, checked strictly before anything is claimed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    documents: list[_Document] = Field(min_length=1, max_length=1_000_000)
+    options: _Options
 
 
 def _send(name: str, kwargs: dict[str, Any], countdown: float) -> None:
@@ -36,12 +63,22 @@ def runner() -> BatchRunner:
 
 
 @app.task(name="llm.batchapi.start", bind=True, base=LLMTask, throws=(LLMQError,))  # type: ignore[untyped-decorator]
-def start(
-    self: Task, *, documents: list[dict[str, str]], options: dict[str, Any]
-) -> dict[str, Any]:
+def start(self: Task, **raw: Any) -> dict[str, Any]:
     """Claim the documents, plan and submit the run's first round; returns who owns what."""
+    try:
+        job = _Start.model_validate(raw)
+    except ValidationError as exc:
+        # pydantic's own text quotes the input, which may be document text.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidJobError(f"invalid llm.batchapi.start job: {problems}") from None
     # The task id survives redelivery: a re-delivered start resumes the same run.
-    return runner().start(str(self.request.id), documents, RunOptions(**options))
+    return runner().start(
+        str(self.request.id),
+        [d.model_dump() for d in job.documents],
+        RunOptions(**job.options.model_dump()),
+    )
 
 
 @app.task(name="llm.batchapi.submit", bind=True, base=LLMTask, throws=(LLMQError,))  # type: ignore[untyped-decorator]
