@@ -238,7 +238,10 @@ def test_failed_requests_and_an_expired_batch(
     start_worker: StartWorker,
     user_id: str,
 ) -> None:
-    start_worker(isolated=isolated, **batch_env(batches, LLM_BATCH_API_MAX_REQUESTS="10"))
+    worker = start_worker(
+        isolated=isolated,
+        **batch_env(batches, LLM_BATCH_API_MAX_REQUESTS="10", LLM_DAILY_SPEND_ALERT_USD="0.00001"),
+    )
     documents = [
         Document(id=f"doc{n:02d}", source=f"doc{n:02d}", text=f"Text {n}. " * 30) for n in range(30)
     ]
@@ -269,6 +272,8 @@ def test_failed_requests_and_an_expired_batch(
     assert all(retried[d]["error"] is None for d in failed + expired)
     assert spent_units(isolated, user_id) == to_units(price * 30 / 2)
     assert again.failed == 0
+    # The day's spend crossed LLM_DAILY_SPEND_ALERT_USD once: one alert record.
+    assert len(worker.records("llm_spend_alert")) == 1
 
 
 def test_budget_refuses_a_batch_before_creation(

@@ -30,12 +30,14 @@ from worker.spend import RETENTION_SECONDS, BudgetReservation, SpendTracker, to_
 BATCH_DISCOUNT = Decimal("0.5")
 _PER_TOKEN = Decimal(1_000_000)
 
-# KEYS: settled set, held, user, model, provider, total counters, index, batch record.
+# KEYS: settled set, held, user, model, provider, total counters, index, batch record,
+#       the day's alert flag.
 # ARGV: custom_id, reservation id, the request's worst-case units, input, output, cached
-#       input tokens, cost units, real-time cost units, retention (s), index entries x3.
-# Reply: 1 charged now, 0 already charged before.
+#       input tokens, cost units, real-time cost units, retention (s), index entries x3,
+#       alert threshold units (-1: none).
+# Reply: {1 charged now | 0 already charged before, 1 if the day's alert fires now, total}.
 _SETTLE = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return {0, 0, '0'} end
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 local entry = redis.call('HGET', KEYS[2], ARGV[2])
 if entry then
@@ -57,7 +59,13 @@ redis.call('EXPIRE', KEYS[7], ARGV[9])
 redis.call('HINCRBY', KEYS[8], 'cost_units', ARGV[7])
 redis.call('HINCRBY', KEYS[8], 'realtime_units', ARGV[8])
 redis.call('HINCRBY', KEYS[8], 'charged', 1)
-return 1
+local total = redis.call('HGET', KEYS[6], 'cost_units')
+local threshold = tonumber(ARGV[13])
+if threshold >= 0 and tonumber(total) >= threshold
+    and redis.call('SET', KEYS[9], total, 'NX', 'EX', ARGV[9]) then
+  return {1, 1, total}
+end
+return {1, 0, total}
 """
 
 
@@ -137,6 +145,7 @@ class Ledger:
                 keys.total,
                 keys.index,
                 batch.state,
+                keys.alerted,
             ],
             args=[
                 custom_id,
@@ -151,9 +160,17 @@ class Ledger:
                 f"user:{user_id}",
                 f"model:{model}",
                 f"provider:{provider}",
+                -1 if self.spend.alert_units is None else self.spend.alert_units,
             ],
         )
-        return bool(int(charged))
+        done, alert, total = charged
+        if int(done):
+            # The day's one alert record, as a real-time answer's settle logs it.
+            reservation = BudgetReservation(
+                tracker=self.spend, user_id=user_id, day=day, id=local_id, units=0
+            )
+            self.spend.settled([alert, total, 1], reservation)
+        return bool(int(done))
 
     def release(self, *, user_id: str, day: str, reservation_id: str) -> None:
         """Drop what is left of the batch's reservation: its results are all charged."""
