@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,14 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import Report
 
     report = Report(quick=args.quick)
-    with Environment(base, quick=args.quick) as env:
-        # Imported only now: importing `worker` configures Celery from REDIS_URL.
-        from bench.sections import SECTIONS
+    # SIGTERM unwinds like Ctrl-C, so the services below are stopped and the temp dir goes.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Environment(base, quick=args.quick) as env:
+            # Imported only now: importing `worker` configures Celery from REDIS_URL.
+            from bench.sections import SECTIONS
 
-        for name, section in SECTIONS.items():
-            if args.only is None or name in args.only:
-                print(f"== {name}", flush=True)
-                section(env, report)
+            for name, section in SECTIONS.items():
+                if args.only is None or name in args.only:
+                    print(f"== {name}", flush=True)
+                    section(env, report)
+    except KeyboardInterrupt:
+        print("interrupted: services stopped, no report written", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     text = report.markdown()
     if args.quick:
         print(text)
@@ -53,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text)
         print(f"wrote {args.out}")
     return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

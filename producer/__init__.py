@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
 from producer.cached import CachedResult, lookup
+from producer.messages import job_messages
 from producer.structured import ParsedResult, response_format_for, strict_schema
 from worker.app import app
 from worker.constants import COMPLETE_TASK, QUEUE
@@ -22,7 +24,7 @@ M = TypeVar("M", bound=BaseModel)
 
 @overload
 def submit(
-    messages: list[dict[str, str]],
+    messages: Sequence[Any],
     user_id: str,
     *,
     response_model: type[M],
@@ -47,12 +49,15 @@ def submit(
     response_format: None = ...,
     user: str | None = ...,
     metadata: dict[str, str] | None = ...,
+    tools: list[dict[str, Any]] | None = ...,
+    tool_choice: str | dict[str, Any] | None = ...,
+    parallel_tool_calls: bool | None = ...,
 ) -> ParsedResult[M]: ...
 
 
 @overload
 def submit(
-    messages: list[dict[str, str]],
+    messages: Sequence[Any],
     user_id: str,
     *,
     response_model: None = ...,
@@ -77,11 +82,14 @@ def submit(
     response_format: dict[str, Any] | None = ...,
     user: str | None = ...,
     metadata: dict[str, str] | None = ...,
+    tools: list[dict[str, Any]] | None = ...,
+    tool_choice: str | dict[str, Any] | None = ...,
+    parallel_tool_calls: bool | None = ...,
 ) -> AsyncResult | CachedResult: ...
 
 
 def submit(
-    messages: list[dict[str, str]],
+    messages: Sequence[Any],
     user_id: str,
     *,
     response_model: type[M] | None = None,
@@ -106,6 +114,9 @@ def submit(
     response_format: dict[str, Any] | None = None,
     user: str | None = None,
     metadata: dict[str, str] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> ParsedResult[M] | AsyncResult | CachedResult:
     """Enqueue an `llm.complete` job; every option is the job field of the same name
     (README, "Job reference"), sent only when given.
@@ -137,13 +148,16 @@ def submit(
         "response_format": response_format,
         "user": user,
         "metadata": metadata,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel_tool_calls,
     }
     # What was not given is not sent: the worker's defaults apply, as for any producer.
     options = {name: value for name, value in fields.items() if value is not None}
     # A caller's own request_id may be a retry of an earlier submission.
     replay = request_id is not None
     options["request_id"] = request_id if request_id is not None else uuid.uuid4().hex
-    kwargs = {"messages": messages, "user_id": user_id, **options}
+    kwargs = {"messages": job_messages(messages), "user_id": user_id, **options}
     handle = _send(kwargs, queue=queue, countdown=countdown, check_cache=check_cache, replay=replay)
     return handle if response_model is None else ParsedResult(handle, response_model)
 

@@ -27,7 +27,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Protocol
 
+import redis
 from celery import Celery
+
+from worker.deferrals import Deferral, DeferralLog, Waiting, waiting
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -242,6 +245,9 @@ class Report:
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     interrupted: bool = False
+    # Rate-limit deferrals of this run's jobs, and the time those jobs spent deferred.
+    deferrals: int = 0
+    waited_s: float = 0.0
     # Batch API mode: the real-time price of the same usage (None: not a batch-API run).
     realtime_cost_usd: float | None = None
 
@@ -254,6 +260,7 @@ class Report:
         not_run: int,
         wall_time_s: float,
         interrupted: bool,
+        deferrals: Sequence[Deferral] = (),
     ) -> Report:
         """Sum `records` (this run's and the skipped ones) into a report."""
         latencies = sorted(
@@ -275,6 +282,8 @@ class Report:
             latency_p50_ms=percentile(latencies, 50),
             latency_p95_ms=percentile(latencies, 95),
             interrupted=interrupted,
+            deferrals=sum(d.count for d in deferrals),
+            waited_s=round(sum(d.waited_s for d in deferrals), 3),
             realtime_cost_usd=(
                 round(sum(float(r["realtime_cost_usd"]) for r in priced), 10) if priced else None
             ),
@@ -302,6 +311,8 @@ class BatchOptions:
     cache: bool | None = None
     timeout: float = 600.0
     poll_interval: float = 0.05
+    # How often the run asks Redis which of its jobs are deferred, and on what.
+    deferral_interval: float = 1.0
     # Through the providers' Batch APIs (producer/batchapi.py): half price, up to 24 h.
     batch_api: bool = False
     # Batch API mode: seconds to wait for the results (None: until every one is in).
@@ -316,6 +327,9 @@ class BatchListener(Protocol):
 
     def finished(self, record: Record, totals: Totals) -> None:
         """One document finished (summarized or failed) and was recorded."""
+
+    def waiting(self, status: Waiting | None) -> None:
+        """Some in-flight documents wait on a rate limit (None: none do any more)."""
 
 
 @dataclass(kw_only=True)
@@ -337,6 +351,7 @@ class BatchRun:
     app: Celery | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _totals: Totals = field(default_factory=Totals)
+    _watch: DeferralWatch | None = None
 
     def stop(self) -> None:
         """Submit no more documents; the run ends once those in flight are recorded."""
@@ -366,23 +381,37 @@ class BatchRun:
                 todo.append((document, digest))
         if self.listener:
             self.listener.started(total=len(skipped) + len(todo), skipped=len(skipped))
+        app = self.app or _default_app()
+        self._watch = DeferralWatch.of(
+            app,
+            user_id=self.options.user_id,
+            request_ids={_request_id(digest) for _, digest in todo},
+        )
         records: list[Record] = []
         with results if results else contextlib.nullcontext() as sink:
-            drive = self._drive_batch_api if self.options.batch_api else self._drive
-            drive(todo, lambda record: self._record(record, sink, records))
+            if self.options.batch_api:
+                self._drive_batch_api(todo, lambda record: self._record(record, sink, records))
+            else:
+                self._drive(app, todo, lambda record: self._record(record, sink, records))
         return Report.of(
             skipped + records,
             skipped=len(skipped),
             not_run=len(todo),
             wall_time_s=time.monotonic() - started,
             interrupted=self.stopping and bool(todo),
+            deferrals=self._watch.final() if self._watch else (),
         )
 
-    def _drive(self, todo: deque[tuple[Document, str]], record: Callable[[Record], None]) -> None:
+    def _drive(
+        self, app: Celery, todo: deque[tuple[Document, str]], record: Callable[[Record], None]
+    ) -> None:
         """Keep `concurrency` documents in flight until all are recorded (or stop() drains)."""
-        app = self.app or _default_app()
         in_flight: dict[str, _Flight] = {}
         while (todo and not self.stopping) or in_flight:
+            if self._watch is not None and self.listener is not None:
+                changed, status = self._watch.poll(interval=self.options.deferral_interval)
+                if changed:
+                    self.listener.waiting(status)
             while todo and not self.stopping and len(in_flight) < self.options.concurrency:
                 document, digest = todo.popleft()
                 if document.error is not None:
@@ -485,7 +514,7 @@ class BatchRun:
             "user_id": options.user_id,
             "model": options.model,
             # Stable across runs, so an idempotent cache can recognise a repeated call.
-            "request_id": f"batch-{digest[:32]}",
+            "request_id": _request_id(digest),
             "chunk_tokens": options.chunk_tokens,
             "cache": options.cache,
         }
@@ -498,6 +527,62 @@ class BatchRun:
         self._totals.add(record)
         if self.listener:
             self.listener.finished(record, self._totals)
+
+
+def _request_id(digest: str) -> str:
+    """A document's request_id; its calls' request_ids start with it (worker.mapreduce)."""
+    return f"batch-{digest[:32]}"
+
+
+@dataclass(kw_only=True)
+class DeferralWatch:
+    """This run's deferred jobs, read from the workers' deferral notes (worker.deferrals)."""
+
+    log: DeferralLog
+    user_id: str
+    request_ids: set[str]
+    # Epoch seconds; notes are in Redis time, so allow for a little clock skew.
+    since: float = field(default_factory=lambda: time.time() - 5.0)
+    _last_poll: float = 0.0
+    _last: Waiting | None = None
+
+    @classmethod
+    def of(cls, app: Celery, *, user_id: str, request_ids: set[str]) -> DeferralWatch | None:
+        """A watch over the app's result-backend Redis, or None when it is not Redis."""
+        client = getattr(app.backend, "client", None)
+        if not isinstance(client, redis.Redis):
+            return None
+        return cls(log=DeferralLog(client), user_id=user_id, request_ids=request_ids)
+
+    def mine(self) -> list[Deferral]:
+        """This run's deferrals (its calls' request_ids start with a document's)."""
+        width = len(_request_id("0" * 32))
+        return [
+            d
+            for d in self.log.of(self.user_id, since=self.since)
+            if d.request_id[:width] in self.request_ids
+        ]
+
+    def poll(self, *, interval: float) -> tuple[bool, Waiting | None]:
+        """(whether to tell the listener, what the run waits on now), at most per interval."""
+        now = time.monotonic()
+        if now - self._last_poll < interval:
+            return False, self._last
+        self._last_poll = now
+        try:
+            status = waiting(self.mine())
+        except redis.RedisError:
+            return False, self._last
+        changed = not (status is None and self._last is None)
+        self._last = status
+        return changed, status
+
+    def final(self) -> list[Deferral]:
+        """Every deferral of the run, for its report (none if Redis cannot say)."""
+        try:
+            return self.mine()
+        except redis.RedisError:
+            return []
 
 
 def _record_of(document: Document, digest: str, result: Record, latency_ms: float) -> Record:

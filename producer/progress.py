@@ -9,15 +9,33 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
+from rich.progress import Task as BarTask
 from rich.table import Table
 from rich.text import Text
 
 from producer.batch import Record, Report, Totals
+from worker.deferrals import Waiting, format_duration
+
+
+class WaitAwareETA(ProgressColumn):
+    """Time remaining, never less than the wait for the rate limit the run is blocked on."""
+
+    def render(self, task: BarTask) -> Text:
+        """`ETA 3m 20s`, `ETA >57m` while waiting with no rate yet, or `ETA -`."""
+        remaining = task.time_remaining
+        frees_in = task.fields.get("frees_in")
+        if frees_in is not None:
+            if remaining is None or task.finished:
+                return Text(f"ETA >{format_duration(frees_in)}", style="progress.remaining")
+            remaining = max(remaining, 0.0) + frees_in
+        if remaining is None:
+            return Text("ETA -", style="progress.remaining")
+        return Text(f"ETA {format_duration(remaining)}", style="progress.remaining")
 
 
 class ProgressView:
@@ -31,15 +49,16 @@ class ProgressView:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[waiting]}", style="yellow"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            WaitAwareETA(),
             console=console,
             # Redrawing a bar into a pipe or a file would only fill it with escape codes.
             disable=not console.is_terminal,
             transient=False,
         )
         self.task: TaskID | None = None
+        self.waiting_now: Waiting | None = None
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
@@ -58,7 +77,12 @@ class ProgressView:
         if skipped:
             self.console.print(f"skipping {skipped} documents already summarized")
         self.task = self.progress.add_task(
-            "summarize", total=total, completed=skipped, status=_status(Totals())
+            "summarize",
+            total=total,
+            completed=skipped,
+            status=_status(Totals()),
+            waiting="",
+            frees_in=None,
         )
 
     def finished(self, record: Record, totals: Totals) -> None:
@@ -67,6 +91,20 @@ class ProgressView:
             self.console.print(document_text(record), soft_wrap=True)
         if self.task is not None:
             self.progress.update(self.task, advance=1, status=_status(totals))
+
+    def waiting(self, status: Waiting | None) -> None:
+        """Show which limit the run waits on and when it frees; in a log, say it once."""
+        previous, self.waiting_now = self.waiting_now, status
+        if self.task is not None:
+            self.progress.update(
+                self.task,
+                waiting=status.describe() if status else "",
+                frees_in=status.frees_in_s if status else None,
+            )
+        # Without a bar, a line per change of limit (not per poll) keeps a log readable.
+        changed = status is not None and (previous is None or previous.limit != status.limit)
+        if changed and status is not None and not self.console.is_terminal:
+            self.console.print(status.describe())
 
     def stopping(self) -> None:
         """Say what the first Ctrl-C does."""
@@ -118,6 +156,8 @@ def report_table(report: Report) -> Table:
         ("input tokens", f"{report.input_tokens:,}"),
         ("output tokens", f"{report.output_tokens:,}"),
         ("cost", f"${report.cost_usd:.6f}"),
+        ("rate-limit deferrals", f"{report.deferrals:,}"),
+        ("  time jobs spent deferred", f"{report.waited_s:,.1f} s"),
         ("wall time", f"{report.wall_time_s:,.1f} s"),
         ("latency P50 per document", ms(report.latency_p50_ms)),
         ("latency P95 per document", ms(report.latency_p95_ms)),

@@ -169,7 +169,7 @@ def create_completion(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         ) from None
     options = job.model_dump(exclude={"messages", "user_id"}, exclude_unset=True)
-    messages = [m.model_dump() for m in job.messages]
+    messages = [m.wire() for m in job.messages]
     handle = submit(messages, job.user_id, **{k: v for k, v in options.items() if v is not None})
     if user is not None:
         # NX: a job id never changes hands, whoever posts a colliding request_id later.

@@ -35,6 +35,8 @@ class Fault:
     malformed: bool = False
     text: str | None = None  # this answer's text instead of the fake's `text`
     refusal: str | None = None  # decline to answer, with these words
+    # Call these functions instead of answering: [{"name": ..., "arguments": {...}}].
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -73,6 +75,7 @@ class FakeProvider:
             self.faults: dict[str, deque[Fault]] = {}
             self.always: dict[str, Fault] = {}
             self.text = TEXT
+            self.tool_calls: list[dict[str, Any]] | None = None
             self.usage = {
                 "input_tokens": 11,
                 "output_tokens": 7,
@@ -123,8 +126,9 @@ class FakeProvider:
             )
             queue = self.faults.get(api)
             fault = queue.popleft() if queue else self.always.get(api, Fault())
-            text, usage = self.text, dict(self.usage)
+            text, usage, calls = self.text, dict(self.usage), self.tool_calls
         text = fault.text if fault.text is not None else text
+        calls = fault.tool_calls if fault.tool_calls is not None else calls
         if fault.delay:
             time.sleep(fault.delay)
         if fault.malformed:
@@ -140,8 +144,11 @@ class FakeProvider:
             # A 200 whose body is JSON, but not a usable completion.
             return Response(fault.body, 200, headers=fault.headers, content_type="application/json")
         answer = _anthropic if api == "anthropic" else _openai
+        reply = answer(body, text, usage, fault.finish_reason, fault.refusal)
+        if calls:
+            reply = _with_calls(api, reply, calls)
         return Response(
-            json.dumps(answer(body, text, usage, fault.finish_reason, fault.refusal)),
+            json.dumps(reply),
             200,
             headers=fault.headers,
             content_type="application/json",
@@ -225,3 +232,26 @@ def _anthropic(
             "cache_creation_input_tokens": written,
         },
     }
+
+
+def _with_calls(api: str, reply: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """`reply` turned into a tool-only answer calling `calls`, in the API's own shape."""
+    if api == "anthropic":
+        reply["content"] = [
+            {"type": "tool_use", "id": f"toolu_{i}", "name": c["name"], "input": c["arguments"]}
+            for i, c in enumerate(calls)
+        ]
+        reply["stop_reason"] = "tool_use"
+        return reply
+    choice = reply["choices"][0]
+    choice["message"]["content"] = None
+    choice["message"]["tool_calls"] = [
+        {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])},
+        }
+        for i, c in enumerate(calls)
+    ]
+    choice["finish_reason"] = "tool_calls"
+    return reply

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.harness import ROOT
 
 
-def test_quick_benchmark_runs_every_section() -> None:
+def test_quick_benchmark_runs_every_section(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick"],
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("llmq-bench-")] == []
     report = done.stdout
     for title in (
         "## Machine",

@@ -479,10 +479,13 @@ def test_deferred_jobs_all_complete_within_max_wait(
     assert len({job.id for job in jobs}) == len(ids)  # task ids are llmq's, not request ids
     never = outcome(too_big)
     assert isinstance(never, RateLimitedError) and never.retry_after == math.inf
-    first, second = (outcome(job, timeout=60) for job in gpt4o)
-    assert isinstance(first, dict)
-    assert isinstance(second, RateLimitedError) and "Gave up after deferring" in str(second)
-    assert second.limit_name == "model_rpm:gpt-4o"
+    # Either gpt-4o job may reach the limit first (4 threads): exactly one runs.
+    both = [outcome(job, timeout=60) for job in gpt4o]
+    ran = [r for r in both if isinstance(r, dict)]
+    refused = [r for r in both if isinstance(r, RateLimitedError)]
+    assert len(ran) == 1 and len(refused) == 1, both
+    assert "Gave up after deferring" in str(refused[0])
+    assert refused[0].limit_name == "model_rpm:gpt-4o"
 
     deferrals = records(workers, "llm_deferred")
     mine = [d for d in deferrals if d["user_id"] == user_id]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import io
+import re
+import uuid
 
 from rich.console import Console
 
-from producer.batch import Report, Totals
+from producer.batch import BatchOptions, BatchRun, Document, Report, Totals
 from producer.progress import ProgressView, report_table
+from tests.conftest import StartWorker
+from tests.fakes import FakeProvider
+from worker import tokens
+from worker.deferrals import Deferral, format_duration, waiting
+from worker.mapreduce import summarize_instruction, summary_max_tokens
+from worker.models import Message
 
 RECORD = {
     "id": "docs/a.md",
@@ -76,3 +84,81 @@ def test_report_table_shows_every_total() -> None:
     assert (rows["cost"], rows["wall time"]) == ("$0.000047", "2.5 s")
     assert "latency P50 per document" in output and "906 ms" in output
     assert "latency P95 per document" in output and "991 ms" in output
+
+
+def test_a_binding_limit_shows_as_waiting_and_is_counted_in_the_report(
+    start_worker: StartWorker, fake: FakeProvider, user_id: str
+) -> None:
+    words = 30
+    texts = [f"Document number {i} says something short about queues." for i in range(6)]
+    per_job = max(
+        tokens.count_messages(
+            [
+                Message(role="system", content=summarize_instruction(words)),
+                Message(role="user", content=text),
+            ]
+        )
+        for text in texts
+    ) + summary_max_tokens(words)
+    # Every answer bills its whole worst case, so settling frees nothing early.
+    fake.usage = {
+        "input_tokens": per_job - summary_max_tokens(words),
+        "output_tokens": summary_max_tokens(words),
+        "cached_input_tokens": 0,
+    }
+    tag = uuid.uuid4().hex[:8]
+    start_worker(
+        concurrency=6,
+        queues="llm,batch",
+        LLM_RATE_LIMIT_PREFIX=f"progress-{tag}",
+        LLM_DEFERRED_QUEUE=f"deferred-{tag}",
+        # Two documents' worst case per 3 s window: the rest are deferred, then run.
+        LLM_USER_TOKENS_PER_HOUR=str(2 * per_job + per_job // 2),
+        LLM_USER_TOKEN_WINDOW_SECONDS="3",
+        LLM_DEFER_MAX_WAIT_SECONDS="60",
+    )
+    output = io.StringIO()
+    console = Console(file=output, width=200, force_terminal=False)
+    view = ProgressView(console)
+    documents = [Document(id=f"d{i}", source="mem", text=text) for i, text in enumerate(texts)]
+    with view:
+        report = BatchRun(
+            documents=documents,
+            options=BatchOptions(
+                user_id=user_id, words=words, cache=False, concurrency=6, deferral_interval=0.2
+            ),
+            listener=view,
+        ).run()
+    console.print(report_table(report))
+    shown = output.getvalue()
+
+    assert report.succeeded == 6, shown
+    waiting = re.search(r"waiting: (\d+) on (\S+), frees in (\d+)s", shown)
+    assert waiting, shown
+    assert int(waiting.group(1)) >= 1 and waiting.group(2) == "user_tokens"
+    assert int(waiting.group(3)) <= 3
+    # Four of six waited at least once; each deferral is counted, with its wait.
+    assert report.deferrals >= 4 and report.waited_s > 0
+    assert re.search(rf"rate-limit deferrals\s*│\s*{report.deferrals}\s", shown)
+
+
+def test_waiting_names_the_limit_most_jobs_wait_on_and_its_earliest_reset() -> None:
+    now = 1000.0
+
+    def note(task_id: str, limit: str, since: float, frees_at: float) -> Deferral:
+        return Deferral(
+            task_id=task_id, request_id="r", limit=limit, since=since, frees_at=frees_at, count=1
+        )
+
+    notes = [
+        note("a", "user_tokens", 990, 1300),
+        note("b", "user_tokens", 995, 1200),
+        note("c", "model_rpm:x", 995, 1010),
+        note("d", "model_rpm:x", 900, 950),  # ran already
+    ]
+    status = waiting(notes, now=now)
+    assert status is not None
+    assert (status.jobs, status.limit, status.frees_in_s) == (3, "user_tokens", 200.0)
+    assert status.describe() == "waiting: 3 on user_tokens, frees in 3m 20s"
+    assert waiting(notes[3:], now=now) is None
+    assert [format_duration(s) for s in (5, 200, 3420, 3900)] == ["5s", "3m 20s", "57m", "1h 05m"]

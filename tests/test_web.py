@@ -47,7 +47,7 @@ def stack(
 @pytest.fixture(scope="module")
 def front_url(stack: Isolated, run_dir: Path) -> Iterator[str]:
     """The front with its default settings (auth on, 1 MiB bodies), for the whole module."""
-    with serve_front({**stack.env, "LLM_P95_ALERT_MS": "250"}, run_dir) as (base, _):
+    with serve_front({**stack.env, "LLM_P95_ALERT_MS": "1000"}, run_dir) as (base, _):
         yield base
 
 
@@ -161,7 +161,7 @@ def fifty_mb(chunked: bool) -> Iterator[bytes]:
 def test_enqueue_poll_results_errors_and_health(
     front: Front, start_worker: Any, fake: FakeProvider
 ) -> None:
-    worker = start_worker(isolated=front.stack, concurrency=4, LLM_P95_ALERT_MS="250")
+    worker = start_worker(isolated=front.stack, concurrency=4, LLM_P95_ALERT_MS="1000")
     accepted = front.post("alice", job(max_tokens=50))
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["id"]
@@ -184,7 +184,7 @@ def test_enqueue_poll_results_errors_and_health(
     assert front.get(None, "/health").json() == {"status": "ok"}
     report = front.get("bob", "/health")
     assert report.status_code == 200 and "latency_ms" in report.json()
-    fake.set_always("openai", Fault(delay=0.4))
+    fake.set_always("openai", Fault(delay=1.2))
     slow = [front.post("bob", job()).json()["status_url"] for _ in range(3)]
     for url in slow:
         assert poll(front, "bob", url)["state"] == "SUCCESS"

@@ -52,6 +52,9 @@ def cache_request(
         return None
     if job.cache is None and temperature != 0.0:
         return None
+    if job.tools and temperature != 0.0:
+        # A tool call is an action, not a text: replayed only when it is deterministic.
+        return None
     model = job.model or settings.model_for(settings.provider)
     price = prices.get(model)
     max_tokens = min(job.max_tokens or settings.max_tokens, price.max_output_tokens)
@@ -62,7 +65,7 @@ def cache_request(
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "messages": [m.model_dump() for m in job.messages],
+        "messages": [m.wire() for m in job.messages],
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return CacheRequest(
@@ -75,7 +78,10 @@ def cache_request(
 
 
 def storable(result: CompletionResult) -> bool:
-    """Only a complete answer may be served again: finished with `stop`, not truncated."""
+    """Only a complete answer may be served again: finished with `stop` (or with tool
+    calls, which only a temperature-0 job with the same tools can look up), not truncated."""
+    if result.finish_reason == "tool_calls":
+        return bool(result.tool_calls) and not result.truncated
     return result.finish_reason == "stop" and not result.truncated and bool(result.text)
 
 

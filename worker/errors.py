@@ -139,6 +139,42 @@ class UnsupportedOptionError(InvalidJobError):
         self.model: str | None = self.details.get("model")
 
 
+class InvalidContentError(InvalidJobError):
+    """A message's content part is malformed (unknown type, bad base64, unsupported media
+    type, data that is not what it claims) or one its provider cannot take; nothing was called.
+    """
+
+
+class ContentTooLargeError(InvalidContentError):
+    """An image, a document or a job's media is over a size limit; nothing was called.
+
+    Fields: `size_bytes`, `limit_bytes`, `setting` (what sets the limit).
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        self.size_bytes: int | None = self.details.get("size_bytes")
+        self.limit_bytes: int | None = self.details.get("limit_bytes")
+        self.setting: str | None = self.details.get("setting")
+
+
+class ToolCallMismatchError(InvalidJobError):
+    """A tool message answers no call of the assistant turn before it, or a call goes
+    unanswered; nothing was called."""
+
+
+class ToolCallValidationError(LLMQError):
+    """The model called a tool with arguments that do not validate against its schema.
+
+    Fields: `errors` (where and which keyword failed, never the arguments). The answer
+    was charged.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        self.errors: list[str] = list(self.details.get("errors", []))
+
+
 class SchemaValidationError(LLMQError):
     """The answer did not validate against the job's JSON schema, even after one re-ask.
 

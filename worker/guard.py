@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from worker import tokens
+from worker import media, tokens
 from worker.errors import BudgetExceededError, ContextWindowExceededError, InvalidJobError
 from worker.models import Message
-from worker.options import RequestOptions, check_supported, schema_tokens
+from worker.options import RequestOptions, check_supported, schema_tokens, tools_tokens
 from worker.prices import ModelPrice, PriceTable
 
 # tiktoken is exact for OpenAI models only. Anthropic and Gemini use their own
@@ -36,6 +36,9 @@ class Estimate:
     thinking_tokens: int = 0
     # Of input_tokens: what the response format's schema adds to the prompt.
     schema_tokens: int = 0
+    # Of input_tokens: the tool definitions, and the images by the provider's formula.
+    tools_tokens: int = 0
+    media_tokens: int = 0
 
     @property
     def answer_tokens(self) -> int:
@@ -123,6 +126,7 @@ class CostGuard:
         price = self.prices.get(model)
         options = options or RequestOptions()
         check_supported(options, model=model, price=price)
+        media.check_provider(messages, provider=price.provider)
         thinking = options.thinking_budget or 0
         if max_tokens + thinking > price.max_output_tokens:
             raise InvalidJobError(
@@ -132,7 +136,11 @@ class CostGuard:
             )
         answer_tokens = max_tokens
         max_tokens += thinking
-        extra = schema_tokens(options, price=price)
+        # Images are counted by the provider's own formula, no margin; they stay counted
+        # when trimming drops their turn, which only overestimates.
+        images = sum(media.image_tokens(m, provider=price.provider, model=model) for m in messages)
+        tool_tokens = tools_tokens(options, price=price)
+        extra = schema_tokens(options, price=price) + tool_tokens + images
         input_tokens = count_input_tokens(messages, model=model, price=price) + extra
         sent = messages
         if input_tokens + max_tokens > price.context_window:
@@ -156,6 +164,10 @@ class CostGuard:
                     f"{room} tokens left for the prompt. Fix: shorten the system message "
                     "or the last user message, or lower max_tokens."
                 )
+        if media.has_pdf(sent):
+            # A PDF's tokens are unknowable beforehand: the most the provider can bill is
+            # the whole window beside max_tokens (a larger prompt it rejects unbilled).
+            input_tokens = max(input_tokens, price.context_window - max_tokens)
         # The worst case is the model writing all `max_tokens` it may: the output
         # length is not knowable in advance, and max_tokens is the bound the provider
         # enforces, so it is the only estimate that can never be exceeded.
@@ -179,5 +191,7 @@ class CostGuard:
             messages_dropped=len(messages) - len(sent),
             options=options,
             thinking_tokens=max_tokens - answer_tokens,
-            schema_tokens=extra,
+            schema_tokens=extra - tool_tokens - images,
+            tools_tokens=tool_tokens,
+            media_tokens=images,
         )

@@ -23,6 +23,7 @@ CIRCUIT = f"{ROOT}:circuit:"
 CIRCUITS = f"{ROOT}:circuits"
 LATENCY = f"{ROOT}:latency:"
 FLEET = f"{ROOT}:fleet"
+DEFERRALS = f"{ROOT}:deferrals:"
 # The HTTP front's: an API key's record by key id (producer/keys.py), and who (sha256 of
 # the user id) posted a job through the front, by task id (producer/web.py).
 API_KEY = f"{ROOT}:apikey:"
@@ -157,6 +158,11 @@ class CircuitKeys:
     def window(self, bucket: int) -> str:
         """Calls and failures in one window of the failure rate."""
         return f"{CIRCUIT}{self.name}:window:{bucket}"
+
+
+def deferrals(user_id: str) -> str:
+    """One user's deferred jobs (worker/deferrals.py), by task id."""
+    return DEFERRALS + digest(user_id)
 
 
 def latency(metric: str) -> str:

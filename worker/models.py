@@ -14,13 +14,20 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-Role = Literal["system", "user", "assistant"]
+from worker.content import ContentPart, TextPart, part_text
+from worker.tools import Tool, ToolCall, ToolChoice
+
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
 
 # Far above any model's output limit; anything larger is a typo, not a request.
@@ -42,6 +49,10 @@ SAMPLING_OPTIONS = frozenset(
         "response_format",
         "user",
         "metadata",
+        # Tools (issue 15), keyed only when set too.
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -70,17 +81,76 @@ def has_text(value: str) -> bool:
 
 
 class Message(BaseModel):
-    """One chat message."""
+    """One chat message: text or content parts; an assistant's tool calls; a tool's result."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     role: Role
-    content: StrictStr
+    # A string, or parts (text, images, documents); None only beside tool_calls.
+    content: StrictStr | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=128)
+    tool_call_id: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("content")
     @classmethod
-    def _utf8(cls, content: str) -> str:
-        return valid_text(content)
+    def _utf8(cls, content: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        if isinstance(content, list) and not content:
+            raise _content_error("an empty list of parts; send at least one part")
+        return valid_text(content) if isinstance(content, str) else content
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.content is None and not self.tool_calls:
+            raise _content_error("content is missing; only an assistant's tool_calls stand alone")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise _content_error("only an 'assistant' message has tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise PydanticCustomError(
+                "llmq_tool_call",
+                "a 'tool' message needs the tool_call_id of the call it answers, and "
+                "only a 'tool' message has one",
+            )
+        if (
+            self.role != "user"
+            and isinstance(self.content, list)
+            and any(not isinstance(p, TextPart) for p in self.content)
+        ):
+            raise _content_error(
+                f"a {self.role!r} message takes text parts only; send images and "
+                "documents in a 'user' message"
+            )
+        return self
+
+    @property
+    def text(self) -> str:
+        """The message's text: its string, or its parts' text joined."""
+        if isinstance(self.content, list):
+            return "\n".join(t for t in (part_text(p) for p in self.content) if t)
+        return self.content or ""
+
+    @property
+    def parts(self) -> list[ContentPart]:
+        """The content as parts (a string is one text part)."""
+        if isinstance(self.content, list):
+            return list(self.content)
+        return [TextPart(type="text", text=self.content)] if self.content else []
+
+    @model_serializer(mode="wrap")
+    def _plain(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A plain message dumps as it always did, {role, content}: unset tool fields left out.
+        data: dict[str, Any] = handler(self)
+        for key in ("tool_calls", "tool_call_id"):
+            if data.get(key, ...) is None:
+                del data[key]
+        return data
+
+    def wire(self) -> dict[str, Any]:
+        """The message as JSON data, unset fields left out (a plain message: role, content)."""
+        return self.model_dump(exclude_none=True)
+
+
+def _content_error(problem: str) -> PydanticCustomError:
+    return PydanticCustomError("llmq_content", problem)
 
 
 class JsonSchemaSpec(BaseModel):
@@ -192,6 +262,10 @@ class CompletionJob(BaseModel):
     user: StrictStr | None = Field(None, min_length=1, max_length=64)
     # Tags for the logs (llm_call, llm_job); never sent to a provider.
     metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=MAX_METADATA_KEYS)
+    # Function calling: JSON-schema tools, which (if any) to call, several at once or not.
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -244,12 +318,31 @@ class CompletionJob(BaseModel):
     def _has_user_turn(cls, messages: list[Message]) -> list[Message]:
         if not any(m.role == "user" for m in messages):
             raise ValueError("at least one message must have role 'user'")
-        if not any(has_text(m.content) for m in messages if m.role == "user"):
+        if not any(
+            has_text(m.text) or any(not isinstance(p, TextPart) for p in m.parts)
+            for m in messages
+            if m.role == "user"
+        ):
             raise ValueError(
                 "every 'user' message is empty (whitespace or control characters only); "
                 "send the text to complete"
             )
+        _check_tool_turns(messages)
         return messages
+
+    @model_validator(mode="after")
+    def _tool_options(self) -> CompletionJob:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: every function name must be unique")
+        if self.tools is None and (
+            self.tool_choice is not None or self.parallel_tool_calls is not None
+        ):
+            raise ValueError("tool_choice and parallel_tool_calls need tools; send tools too")
+        choice = self.tool_choice
+        if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
+            raise ValueError("tool_choice names a function that is not in tools")
+        return self
 
     @field_validator("user_id", "request_id")
     @classmethod
@@ -285,10 +378,38 @@ class CompletionJob(BaseModel):
         return self._fingerprint
 
 
+def _check_tool_turns(messages: list[Message]) -> None:
+    """Every tool message answers a call of the assistant turn just before, every call once."""
+    pending: set[str] = set()
+    for message in messages:
+        if message.role == "tool":
+            if message.tool_call_id not in pending:
+                raise PydanticCustomError(
+                    "llmq_tool_call",
+                    "a 'tool' message's tool_call_id matches no unanswered call of the "
+                    "assistant message before it; send the id of the call it answers",
+                )
+            pending.discard(message.tool_call_id)
+            continue
+        if pending:
+            raise PydanticCustomError(
+                "llmq_tool_call",
+                "an assistant message's tool call has no 'tool' message answering it "
+                "before the next turn; answer every call (role 'tool', its tool_call_id)",
+            )
+        pending = {call.id for call in message.tool_calls or ()}
+    if pending:
+        raise PydanticCustomError(
+            "llmq_tool_call",
+            "the last assistant message's tool calls are unanswered; send a 'tool' message "
+            "with the result of each before asking for the next answer",
+        )
+
+
 def prompt_hash(messages: list[Message]) -> str:
     """sha256 of the canonical JSON of `messages`."""
     canonical = json.dumps(
-        [m.model_dump() for m in messages],
+        [m.wire() for m in messages],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -324,6 +445,8 @@ class Completion(BaseModel):
     refusal: str | None = None
     # The answer's JSON value, once validated against the job's schema.
     parsed: Any = None
+    # The functions the model called (finish_reason "tool_calls").
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class CompletionResult(BaseModel):
@@ -352,5 +475,8 @@ class CompletionResult(BaseModel):
     parsed: Any = None
     # Why the model declined, when it did (then `text` is empty and nothing is parsed).
     refusal: str | None = None
+    # The functions the model called, arguments parsed and validated (finish_reason
+    # "tool_calls"); None when it called none.
+    tool_calls: list[ToolCall] | None = None
     # Last, so Celery's truncated repr of a result still shows every number before it.
     text: str

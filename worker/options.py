@@ -17,7 +17,9 @@ from worker import tokens
 from worker.errors import UnsupportedOptionError
 from worker.models import CompletionJob, JsonObjectFormat, JsonSchemaFormat, ResponseFormat
 from worker.prices import ModelPrice
+from worker.tools import Tool, ToolChoice
 
+TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls")
 # What each provider's API can be asked (beyond model, messages, max_tokens, temperature).
 # `user` is not listed: it is passed on where the API has a field for it, dropped where it
 # has none, since it never changes the answer. `metadata` is never sent.
@@ -31,6 +33,7 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "frequency_penalty",
             "reasoning_effort",
             "response_format",
+            *TOOL_OPTIONS,
         }
     ),
     # Gemini's OpenAI-compatible endpoint (and vLLM, Ollama behind the same path).
@@ -43,9 +46,10 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "frequency_penalty",
             "reasoning_effort",
             "response_format",
+            *TOOL_OPTIONS,
         }
     ),
-    "anthropic": frozenset({"stop", "top_p", "thinking", "response_format"}),
+    "anthropic": frozenset({"stop", "top_p", "thinking", "response_format", *TOOL_OPTIONS}),
     # The offline summarizer takes nothing but the text.
     "extractive": frozenset(),
 }
@@ -74,6 +78,9 @@ class RequestOptions:
     thinking_budget: int | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    tools: tuple[Tool, ...] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @classmethod
     def from_job(cls, job: CompletionJob) -> RequestOptions:
@@ -89,6 +96,9 @@ class RequestOptions:
             thinking_budget=job.thinking.budget_tokens if job.thinking else None,
             response_format=job.response_format,
             user=job.user,
+            tools=tuple(job.tools) if job.tools else None,
+            tool_choice=job.tool_choice,
+            parallel_tool_calls=job.parallel_tool_calls,
         )
 
     @property
@@ -103,6 +113,9 @@ class RequestOptions:
             "reasoning_effort": self.reasoning_effort,
             "thinking": self.thinking_budget,
             "response_format": self.response_format,
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
         }
         return [name for name, value in names.items() if value is not None]
 
@@ -145,6 +158,8 @@ def check_supported(options: RequestOptions, *, model: str, price: ModelPrice) -
             )
     if options.thinking_budget is not None and "thinking" not in problems:
         _check_thinking(options, model=model, price=price, problems=problems)
+    if provider == "anthropic" and options.tools:
+        _check_anthropic_tools(options, price=price, problems=problems)
     if provider == "anthropic" and (options.temperature or 0) > 1:
         problems["temperature"] = "anthropic takes a temperature from 0 to 1"
     if provider == "anthropic" and None not in (options.temperature, options.top_p):
@@ -176,6 +191,45 @@ def _check_thinking(
             f"{model} answers in a schema through a forced tool call, which extended "
             "thinking does not allow"
         )
+
+
+def _check_anthropic_tools(
+    options: RequestOptions, *, price: ModelPrice, problems: dict[str, str]
+) -> None:
+    if options.response_format is not None and (
+        options.json_object or not price.structured_outputs
+    ):
+        # Without native structured outputs the answer itself is a forced tool call.
+        problems["response_format"] = (
+            f"{price.provider} answers in a schema through a forced tool, which the job's "
+            "own tools would compete with"
+        )
+    forced = options.tool_choice is not None and options.tool_choice not in ("auto", "none")
+    if options.thinking_budget is not None and forced:
+        problems["tool_choice"] = "extended thinking takes tool_choice auto or none only"
+
+
+def tools_tokens(options: RequestOptions, *, price: ModelPrice) -> int:
+    """Input tokens the tool definitions add to the prompt (0 without tools)."""
+    if not options.tools:
+        return 0
+    from worker.tools import (
+        DEFAULT_TOOLS_OVERHEAD,
+        TOKENS_PER_TOOL,
+        TOOLS_OVERHEAD_TOKENS,
+        tools_text,
+    )
+
+    counted = (
+        tokens.count_text(tools_text(options.tools))
+        + TOKENS_PER_TOOL * len(options.tools)
+        + TOOLS_OVERHEAD_TOKENS.get(price.provider, DEFAULT_TOOLS_OVERHEAD)
+    )
+    if price.provider in ("openai", "extractive"):
+        return counted
+    from worker.guard import NON_OPENAI_MARGIN
+
+    return math.ceil(counted * NON_OPENAI_MARGIN)
 
 
 def schema_tokens(options: RequestOptions, *, price: ModelPrice) -> int:

@@ -9,14 +9,17 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from worker import logs, tokens
+from worker import logs, media, tokens
 from worker.breaker import CircuitBreaker, DeferredGate
 from worker.connections import redis_client
 from worker.errors import (
+    InvalidContentError,
     InvalidJobError,
     LLMQError,
     StateUnavailableError,
+    ToolCallMismatchError,
     TruncatedResponseError,
     UnexpectedError,
 )
@@ -34,6 +37,7 @@ from worker.scripts import Settlement, scripts_for
 from worker.settings import ProviderName, Settings, TruncationPolicy
 from worker.spend import SpendTracker
 from worker.structured import SchemaEnforcer
+from worker.tools import check_calls
 from worker.truncation import TruncationHandler
 
 
@@ -72,6 +76,28 @@ class Plan:
         return self.candidates[0]
 
 
+def problem_text(error: ErrorDetails) -> str:
+    """Pydantic's message for one error, never quoting the input (a part type may be text)."""
+    if error["type"] == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        return f"unknown type; send one of {expected}"
+    return error["msg"]
+
+
+def invalid_kind(exc: ValidationError) -> type[InvalidJobError]:
+    """The typed error for a job's validation problems: tool turns, content, or the job."""
+    errors = exc.errors()
+    if any(e["type"] == "llmq_tool_call" for e in errors):
+        return ToolCallMismatchError
+    if any(
+        e["type"] == "llmq_content"
+        or (e["type"].startswith("union_tag_") and "content" in e["loc"])
+        for e in errors
+    ):
+        return InvalidContentError
+    return InvalidJobError
+
+
 def validate(raw: dict[str, Any], *, context: JobContext | None = None) -> CompletionJob:
     """Step 1: the job's arguments as a typed model, or InvalidJobError saying what to fix."""
     try:
@@ -79,10 +105,10 @@ def validate(raw: dict[str, Any], *, context: JobContext | None = None) -> Compl
     except ValidationError as exc:
         # Input values are left out on purpose: they may be prompt text.
         problems = [
-            f"{'.'.join(str(p) for p in error['loc']) or 'job'}: {error['msg']}"
+            f"{'.'.join(str(p) for p in error['loc']) or 'job'}: {problem_text(error)}"
             for error in exc.errors()
         ]
-        error = InvalidJobError(
+        error = invalid_kind(exc)(
             f"Invalid llm.complete job ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems)
         )
@@ -155,6 +181,8 @@ class Pipeline:
                 outcome = self.enforce_truncation(plan, context, outcome, meter, gate=gate)
                 # 5c. a structured answer validated, re-asked once if it fails
                 outcome = self.enforce_schema(plan, context, outcome, meter, gate=gate)
+                # 5d. tool calls' arguments validated against their tools' schemas
+                check_calls(outcome.completion.tool_calls, plan.job.tools)
                 meter.close()
                 result = self.result(plan, outcome, meter, context, started)
                 # 7. One round trip: charges, circuit, stored result and cache, leases, latency.
@@ -284,6 +312,11 @@ class Pipeline:
 
     def plan(self, job: CompletionJob) -> Plan:
         """Step 2: the providers to try, in order, each priced by the cost guard."""
+        media.check_sizes(
+            job.messages,
+            max_image_bytes=self.settings.max_image_bytes,
+            max_job_bytes=self.settings.max_job_media_bytes,
+        )
         return Plan(
             job=job,
             candidates=self.candidates(job),
@@ -433,6 +466,7 @@ class Pipeline:
             reasoning_tokens=usage.reasoning_tokens,
             parsed=outcome.completion.parsed,
             refusal=outcome.completion.refusal,
+            tool_calls=outcome.completion.tool_calls or None,
             cost_usd=float(round(meter.cost_usd, 10)),
             charged_as=meter.charged_as,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -460,7 +494,7 @@ class Pipeline:
         )
         private: dict[str, Any] = {}
         if self.settings.log_prompts:
-            private["prompt"] = [m.model_dump() for m in job.messages]
+            private["prompt"] = [m.wire() for m in job.messages]
             private["response"] = result.text if result else None
         # A reused result cost nothing now; what the original call cost is what we saved.
         saved = {"cost_saved_usd": reused.cost_saved_usd, "reused": reused.kind} if reused else {}

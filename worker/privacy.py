@@ -118,9 +118,40 @@ def result_repr(value: object) -> str:
         value = repr(kept)
     if not isinstance(value, str):
         return f"{MARK}{HIDDEN}>"
-    # Celery truncates long reprs, so the fields are read one by one, not parsed whole.
-    kept_fields = [f"{key}={scrub(val)}" for key, val in _RESULT_FIELD.findall(value)]
+    # Celery truncates long reprs, so the fields are read one by one, not parsed whole;
+    # only the result's own: a key inside tool arguments, a parsed answer or a text
+    # (`{'provider': ...}` in a tool call) is content, not a field.
+    top = _top_level(value)
+    kept_fields = [
+        f"{found[1]}={scrub(found[2])}"
+        for found in _RESULT_FIELD.finditer(value)
+        if found.start() in top
+    ]
     return MARK + " ".join(kept_fields or [HIDDEN]) + ">"
+
+
+def _top_level(text: str) -> set[int]:
+    """Positions of `text` (a dict's repr) where a top-level key may start."""
+    positions: set[int] = set()
+    depth, quote, escaped = 0, "", False
+    for index, char in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+            continue
+        if char in "'\"":
+            if depth == 1:
+                positions.add(index)
+            quote = char
+        elif char in "{[(":
+            depth += 1
+        elif char in "}])":
+            depth -= 1
+    return positions
 
 
 def is_redacted(text: object) -> bool:

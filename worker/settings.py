@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     max_tokens: int = Field(2048, ge=1, le=200_000, validation_alias=_env("LLM_MAX_TOKENS"))
     temperature: float = Field(0.7, ge=0.0, le=2.0, validation_alias=_env("LLM_TEMPERATURE"))
     timeout_seconds: float = Field(30.0, gt=0, le=600, validation_alias=_env("LLM_TIMEOUT_SECONDS"))
+    # Images and documents (issue 15): OpenAI's documented 20 MB per image and 50 MB per
+    # request; each provider's own, lower limits apply on top (worker/media.py).
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, validation_alias=_env("LLM_MAX_IMAGE_BYTES")
+    )
+    max_job_media_bytes: int = Field(
+        50 * 1024 * 1024, ge=1, validation_alias=_env("LLM_MAX_JOB_MEDIA_BYTES")
+    )
 
     # Cost
     max_cost_per_request: float = Field(

@@ -7,12 +7,15 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Ignore, Retry
 
 from worker import logs
 from worker.app import app
+from worker.connections import redis_client
 from worker.constants import BATCH_QUEUE, COMPLETE_TASK, DEFERRED_SINCE_HEADER, SENT_AT_HEADER
+from worker.deferrals import Deferral, DeferralLog
 from worker.errors import LLMQError, RateLimitedError, TaskIdConflictError
 from worker.mapreduce import Summarizer
 from worker.pipeline import JobContext, Pipeline
@@ -176,6 +179,7 @@ def defer_or_fail(
             "redis_time": now,
         },
     )
+    _note_deferral(job, exc, task=self, since=first, frees_at=now + countdown, settings=settings)
     # Same task id and arguments (so the same request_id); the queue keeps it away
     # from fresh work, and the countdown keeps wait plus run within the visibility timeout.
     headers = {**(self.request.headers or {}), DEFERRED_SINCE_HEADER: first}
@@ -185,6 +189,30 @@ def defer_or_fail(
         headers=headers,
         throw=False,
     )
+
+
+def _note_deferral(
+    job: dict[str, Any],
+    exc: RateLimitedError,
+    *,
+    task: Task,
+    since: float,
+    frees_at: float,
+    settings: Settings,
+) -> None:
+    """Tell the job's sender what it waits on; a Redis error must not stop the deferral."""
+    deferral = Deferral(
+        task_id=str(task.request.id),
+        request_id=str(job.get("request_id") or task.request.id),
+        limit=exc.limit_name or "unknown",
+        since=since,
+        frees_at=round(frees_at, 3),
+        count=int(task.request.retries or 0) + 1,
+    )
+    try:
+        DeferralLog(redis_client(settings)).record(str(job.get("user_id")), deferral)
+    except redis.RedisError:
+        logs.job_logger.warning("llm_deferral_not_noted", extra={"event": "llm_deferral_not_noted"})
 
 
 # The Batch API mode's tasks (issue 16) register on import, after the names they use.

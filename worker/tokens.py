@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -113,6 +114,15 @@ def count_each_message(messages: list[Message], *, model: str = "gpt-4o-mini") -
     return [
         TOKENS_PER_MESSAGE
         + len(encoding.encode(message.role, disallowed_special=()))
-        + len(encoding.encode(message.content, disallowed_special=()))
+        + len(encoding.encode(_counted(message), disallowed_special=()))
         for message in messages
     ]
+
+
+def _counted(message: Message) -> str:
+    """What a message sends as text: its text, its tool calls' JSON and the id it answers."""
+    calls = [call.openai() for call in message.tool_calls or ()]
+    extra = [json.dumps(calls, ensure_ascii=False)] if calls else []
+    if message.tool_call_id:
+        extra.append(message.tool_call_id)
+    return "\n".join([message.text, *extra]) if extra else message.text

@@ -8,6 +8,7 @@ from typing import Any
 
 import anthropic
 
+from worker.content import ContentPart, ImageUrlPart, TextPart
 from worker.errors import MalformedResponseError, ProviderConnectionError, ProviderTimeoutError
 from worker.models import Completion, FinishReason, Message, Usage
 from worker.providers.base import (
@@ -18,6 +19,7 @@ from worker.providers.base import (
     short,
     usage_of,
 )
+from worker.tools import anthropic_tool_choice, anthropic_tools, received
 
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -42,18 +44,58 @@ def client(*, api_key: str, base_url: str | None, timeout: float) -> anthropic.A
         return _clients[key]
 
 
-def to_anthropic(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:
-    """Split out system messages (Anthropic takes them apart) and merge same-role runs."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system") or None
-    turns: list[dict[str, str]] = []
+def to_anthropic(messages: list[Message]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split out system messages (Anthropic takes them apart) and merge same-role runs.
+
+    Plain text turns stay strings, as before; a turn with parts, tool calls or tool
+    results becomes content blocks (a tool result is a user turn in Anthropic's API).
+    """
+    system = "\n\n".join(m.text for m in messages if m.role == "system") or None
+    turns: list[dict[str, Any]] = []
     for m in messages:
         if m.role == "system":
             continue
-        if turns and turns[-1]["role"] == m.role:
-            turns[-1]["content"] += "\n\n" + m.content
+        role = "user" if m.role == "tool" else m.role
+        plain = isinstance(m.content, str) and m.role != "tool" and not m.tool_calls
+        if turns and turns[-1]["role"] == role:
+            last = turns[-1]
+            if plain and isinstance(last["content"], str):
+                last["content"] += "\n\n" + str(m.content)
+            else:
+                last["content"] = _blocks(last["content"]) + anthropic_blocks(m)
         else:
-            turns.append({"role": m.role, "content": m.content})
+            turns.append({"role": role, "content": m.content if plain else anthropic_blocks(m)})
     return system, turns
+
+
+def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def anthropic_part(part: ContentPart) -> dict[str, Any] | None:
+    """A content part as an Anthropic block (OpenAI's image_url translated); None if empty."""
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text} if part.text else None
+    if isinstance(part, ImageUrlPart):
+        inline = part.image_url.base64
+        source = (
+            {"type": "base64", "media_type": inline[0], "data": inline[1]}
+            if inline
+            else {"type": "url", "url": part.image_url.url}
+        )
+        return {"type": "image", "source": source}
+    return part.model_dump(exclude_none=True)
+
+
+def anthropic_blocks(message: Message) -> list[dict[str, Any]]:
+    """A message's content as Anthropic blocks: parts, tool_use calls, or one tool_result."""
+    blocks = [b for b in (anthropic_part(p) for p in message.parts) if b is not None]
+    if message.role == "tool":
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
+        if blocks:
+            result["content"] = blocks
+        return [result]
+    return blocks + [call.anthropic() for call in message.tool_calls or ()]
 
 
 # The tool a model without native structured outputs is made to call with its answer.
@@ -98,9 +140,22 @@ def request_body(request: ProviderRequest) -> dict[str, Any]:
             }
         ]
         body["tool_choice"] = {"type": "tool", "name": ANSWER_TOOL}
+    if options.tools:
+        body["tools"] = anthropic_tools(options.tools)
+        choice = anthropic_tool_choice(options.tool_choice, options.parallel_tool_calls)
+        if choice is not None:
+            body["tool_choice"] = choice
     if extra:
         body["extra_body"] = extra
     return body
+
+
+def _answer_tool(request: ProviderRequest) -> bool:
+    """Whether the request forced llmq's answer tool (structured output without native)."""
+    options = request.options
+    return options.response_format is not None and not (
+        options.schema is not None and request.native_schema
+    )
 
 
 class AnthropicProvider:
@@ -143,9 +198,9 @@ class AnthropicProvider:
                 provider=self.name,
                 answered=True,
             ) from None
-        return self._normalize(response)
+        return self._normalize(response, answer_tool=_answer_tool(request))
 
-    def _normalize(self, response: Any) -> Completion:
+    def _normalize(self, response: Any, *, answer_tool: bool = True) -> Completion:
         """The answer as a Completion, or MalformedResponseError carrying whatever usage it had."""
         usage = self._usage(response)
         blocks = getattr(response, "content", None)
@@ -156,14 +211,24 @@ class AnthropicProvider:
         )
         stop_reason = getattr(response, "stop_reason", None)
         reason = STOP_REASONS.get(str(stop_reason), "other")
+        uses = [b for b in blocks if getattr(b, "type", "") == "tool_use"]
         answer = next(
-            (
-                b
-                for b in blocks
-                if getattr(b, "type", "") == "tool_use" and getattr(b, "name", "") == ANSWER_TOOL
-            ),
-            None,
+            (b for b in uses if answer_tool and getattr(b, "name", "") == ANSWER_TOOL), None
         )
+        calls = [
+            received(getattr(b, "id", None), getattr(b, "name", None), getattr(b, "input", None))
+            for b in uses
+            if b is not answer
+        ]
+        if calls and answer is None and usage is not None:
+            # A tool-only answer is an answer, with or without text beside the calls.
+            return Completion(
+                text=text,
+                finish_reason="length" if reason == "length" else "tool_calls",
+                usage=usage,
+                model=str(getattr(response, "model", "") or ""),
+                tool_calls=calls,
+            )
         if answer is not None:
             # The forced answer tool's input is the structured answer: a finished one.
             text = json.dumps(getattr(answer, "input", None), ensure_ascii=False)

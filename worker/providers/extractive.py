@@ -14,11 +14,12 @@ from sumy.parsers.plaintext import PlaintextParser
 from sumy.summarizers.luhn import LuhnSummarizer
 from sumy.utils import get_stop_words
 
-from worker import tokens
+from worker import plaintext, tokens
 from worker.models import Completion, Usage
 from worker.providers.base import ProviderRequest
 
 MAX_SENTENCES = 5
+MAX_SENTENCE_CHARS = 240
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 _WORD = re.compile(r"\w+(?:'\w+)?")
 # Lines that are markup, code or tables rather than prose.
@@ -31,8 +32,20 @@ class RegexTokenizer:
     language = "english"
 
     def to_sentences(self, paragraph: str) -> list[str]:
-        """Split a paragraph into sentences on terminal punctuation."""
-        return [s.strip() for s in _SENTENCE_END.split(paragraph) if s.strip()]
+        """Split a paragraph into sentences on terminal punctuation (run-ons into pieces)."""
+        sentences: list[str] = []
+        for sentence in _SENTENCE_END.split(paragraph):
+            # A listing, a table or a run of URLs has no full stops: as one "sentence" it
+            # would never fit a summary, so it is read in pieces of a long sentence's size.
+            piece: list[str] = []
+            for word in sentence.split():
+                piece.append(word)
+                if sum(len(w) + 1 for w in piece) >= MAX_SENTENCE_CHARS:
+                    sentences.append(" ".join(piece))
+                    piece = []
+            if piece:
+                sentences.append(" ".join(piece))
+        return sentences
 
     def to_words(self, sentence: str) -> list[str]:
         """Split a sentence into words."""
@@ -40,7 +53,10 @@ class RegexTokenizer:
 
 
 def prose(text: str) -> str:
-    """Keep the prose lines of a document, joined back into paragraphs."""
+    """The document's paragraphs without front matter or markup (else its prose-like lines)."""
+    paragraphs = plaintext.prose(text)
+    if paragraphs:
+        return paragraphs
     lines = [line for line in text.splitlines() if not _NOT_PROSE.match(line)]
     return "\n".join(lines)
 
@@ -57,21 +73,26 @@ class ExtractiveProvider:
 
     def complete(self, request: ProviderRequest) -> Completion:
         """Summarize; stop at `max_tokens` with finish_reason `length` like an LLM would."""
-        source = next(m.content for m in reversed(request.messages) if m.role == "user")
+        source = next(m.text for m in reversed(request.messages) if m.role == "user")
         document = PlaintextParser.from_string(prose(source) or source, self._tokenizer).document
         picked = [str(s) for s in self._summarizer(document, MAX_SENTENCES)]
         text, finish = "", "stop"
         for sentence in picked or [source.strip()]:
             candidate = f"{text} {sentence}".strip()
-            if tokens.count_text(candidate) > request.max_tokens:
-                # Whole sentences that fit make a complete, shorter summary; only a
-                # first sentence cut mid-way is a truncated one.
-                if not text:
-                    finish = "length"
-                    encoding = tokens.get_encoding("o200k_base")
-                    text = encoding.decode(encoding.encode(candidate)[: request.max_tokens])
-                break
-            text = candidate
+            # Whole sentences that fit make a complete, shorter summary: one too long
+            # (a table or code read as a sentence) is left out, not cut.
+            if tokens.count_text(candidate) <= request.max_tokens:
+                text = candidate
+        if not text:
+            # None of the key sentences fits: the first other sentence that does.
+            others = (str(s) for s in document.sentences)
+            text = next((s for s in others if tokens.count_text(s) <= request.max_tokens), "")
+        if not text:
+            # Not one sentence fits: a first sentence cut mid-way is a truncated answer.
+            finish = "length"
+            encoding = tokens.get_encoding("o200k_base")
+            first = (picked or [source.strip()])[0]
+            text = encoding.decode(encoding.encode(first)[: request.max_tokens])
         return Completion(
             text=text,
             finish_reason="length" if finish == "length" else "stop",

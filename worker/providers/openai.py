@@ -8,8 +8,9 @@ from typing import Any
 
 import openai
 
+from worker.content import ContentPart, ImagePart, UrlSource
 from worker.errors import MalformedResponseError, ProviderConnectionError, ProviderTimeoutError
-from worker.models import Completion, FinishReason, JsonSchemaFormat, Usage
+from worker.models import Completion, FinishReason, JsonSchemaFormat, Message, Usage
 from worker.providers.base import (
     ProviderRequest,
     error_for_status,
@@ -18,6 +19,7 @@ from worker.providers.base import (
     short,
     usage_of,
 )
+from worker.tools import openai_tool_choice, openai_tools, received
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -47,10 +49,38 @@ def client(*, api_key: str, base_url: str | None, timeout: float) -> openai.Open
 JSON_MODE_INSTRUCTION = "Answer with a JSON object."
 
 
+def openai_part(part: ContentPart) -> dict[str, Any]:
+    """A content part in Chat Completions' shape (Anthropic's image source translated)."""
+    if isinstance(part, ImagePart):
+        source = part.source
+        url = (
+            source.url
+            if isinstance(source, UrlSource)
+            else f"data:{source.media_type};base64,{source.data}"
+        )
+        return {"type": "image_url", "image_url": {"url": url}}
+    # Documents never reach here: the guard keeps them for providers that take them.
+    return part.model_dump(exclude_none=True)
+
+
+def openai_message(message: Message) -> dict[str, Any]:
+    """A message in Chat Completions' shape: a plain one exactly as before, {role, content}."""
+    shaped: dict[str, Any] = {"role": message.role}
+    if isinstance(message.content, list):
+        shaped["content"] = [openai_part(p) for p in message.content]
+    else:
+        shaped["content"] = message.content
+    if message.tool_calls:
+        shaped["tool_calls"] = [call.openai() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        shaped["tool_call_id"] = message.tool_call_id
+    return shaped
+
+
 def request_body(request: ProviderRequest, *, provider: str) -> dict[str, Any]:
     """The Chat Completions arguments for `request`, in OpenAI's (or the compatible) shape."""
     options = request.options
-    messages = [m.model_dump() for m in request.messages]
+    messages = [openai_message(m) for m in request.messages]
     body: dict[str, Any] = {"model": request.model, "messages": messages}
     if request.reasoning:
         # Reasoning models refuse max_tokens and any but the default temperature; the
@@ -70,6 +100,12 @@ def request_body(request: ProviderRequest, *, provider: str) -> dict[str, Any]:
         "safety_identifier": options.user if provider == "openai" else None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    if options.tools:
+        body["tools"] = openai_tools(options.tools)
+        if options.tool_choice is not None:
+            body["tool_choice"] = openai_tool_choice(options.tool_choice)
+        if options.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = options.parallel_tool_calls
     response_format = options.response_format
     if isinstance(response_format, JsonSchemaFormat):
         spec = response_format.json_schema
@@ -84,7 +120,7 @@ def request_body(request: ProviderRequest, *, provider: str) -> dict[str, Any]:
         body["response_format"] = {"type": "json_schema", "json_schema": schema}
     elif response_format is not None:
         body["response_format"] = {"type": "json_object"}
-        if not any("json" in m["content"].lower() for m in messages):
+        if not any("json" in m.text.lower() for m in request.messages):
             messages.insert(0, {"role": "system", "content": JSON_MODE_INSTRUCTION})
     return body
 
@@ -149,6 +185,23 @@ class OpenAIProvider:
                 finish_reason="content_filter",
                 usage=usage,
                 model=str(getattr(response, "model", "") or ""),
+            )
+        calls = [
+            received(
+                getattr(call, "id", None),
+                getattr(getattr(call, "function", None), "name", None),
+                getattr(getattr(call, "function", None), "arguments", None),
+            )
+            for call in getattr(message, "tool_calls", None) or []
+        ]
+        if calls and usage is not None:
+            # A tool-only answer is an answer; a forced call finishes with "stop".
+            return Completion(
+                text=text if isinstance(text, str) else "",
+                finish_reason="length" if reason == "length" else "tool_calls",
+                usage=usage,
+                model=str(getattr(response, "model", "") or ""),
+                tool_calls=calls,
             )
         if not isinstance(text, str) or (not text.strip() and reason == "stop"):
             raise self._malformed(
