@@ -289,9 +289,11 @@ class BatchRunner:
             "state": "running",
             "round": "0",
         }
-        if self.redis.hsetnx(run.meta, "run_id", run_id):
-            self.redis.hset(run.meta, mapping=_fields(meta))
-            self.redis.expire(run.meta, RUN_TTL)
+        if self.redis.hget(run.meta, "round") is None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(run.meta, mapping=_fields(meta))
+            pipe.expire(run.meta, RUN_TTL)
+            pipe.execute()
         meta = self.redis.hgetall(run.meta)  # type: ignore[assignment]
         if not self.redis.exists(run.round(0)):
             self._plan_first(run, meta, mine)
@@ -465,10 +467,13 @@ class BatchRunner:
             "realtime_units": "0",
             "charged": "0",
         }
-        if self.redis.hsetnx(keys.state, "local_id", local_id):
-            self.redis.hset(keys.state, mapping=_fields(record))
-            self.redis.expire(keys.state, RUN_TTL)
-            self.redis.zadd(keyspace.BATCH_INDEX, {local_id: time.time()})
+        if self.redis.hget(keys.state, "worst_units") is None:
+            # All at once: a record is whole or absent (a redelivery writes the same one).
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.state, mapping=_fields(record))
+            pipe.expire(keys.state, RUN_TTL)
+            pipe.zadd(keyspace.BATCH_INDEX, {local_id: time.time()})
+            pipe.execute()
 
     def _create(self, local_id: str, group: list[tuple[str, dict[str, Any]]]) -> None:
         """Reserve, then create (or find) the provider batch; record its id, schedule its poll."""
