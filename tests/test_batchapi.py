@@ -229,7 +229,10 @@ def test_killed_cli_resumes_without_a_new_batch(
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.count("done/completed") == 3
-    assert "cost $0.0000" in shown.stdout
+    # 40 documents in batches of at most 15: counts and each batch's half-price cost.
+    assert shown.stdout.count("15+0 failed of 15") == 2 and "10+0 failed of 10" in shown.stdout
+    each = realtime_price("gpt-4o-mini") / 2
+    assert f"cost ${15 * each:.6f}" in shown.stdout and f"cost ${10 * each:.6f}" in shown.stdout
 
 
 def test_failed_requests_and_an_expired_batch(
