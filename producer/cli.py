@@ -80,7 +80,7 @@ def _summarize(args: argparse.Namespace) -> int:
 
 
 def _batches(args: argparse.Namespace) -> int:
-    from worker.batchapi.runner import listing
+    from worker.batchapi.listing import listing
     from worker.connections import redis_client
     from worker.settings import get_settings
 

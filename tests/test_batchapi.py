@@ -19,7 +19,7 @@ from tests import corpus
 from tests.conftest import StartWorker
 from tests.fake_batches import USAGE_IN, USAGE_OUT, FakeBatches, Outcome, answer_text
 from tests.harness import ROOT, Isolated, wait_for
-from worker.batchapi.runner import listing
+from worker.batchapi.listing import listing
 from worker.models import Usage
 from worker.prices import load_prices
 from worker.spend import to_units, utc_day
