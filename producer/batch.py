@@ -248,6 +248,8 @@ class Report:
     # Rate-limit deferrals of this run's jobs, and the time those jobs spent deferred.
     deferrals: int = 0
     waited_s: float = 0.0
+    # Batch API mode: the real-time price of the same usage (None: not a batch-API run).
+    realtime_cost_usd: float | None = None
 
     @classmethod
     def of(
@@ -265,6 +267,7 @@ class Report:
             float(r["latency_ms"]) for r in records if isinstance(r.get("latency_ms"), int | float)
         )
         failed = sum(1 for r in records if r.get("error") is not None)
+        priced = [r for r in records if isinstance(r.get("realtime_cost_usd"), int | float)]
         return cls(
             documents=len(records),
             succeeded=len(records) - failed,
@@ -281,6 +284,9 @@ class Report:
             interrupted=interrupted,
             deferrals=sum(d.count for d in deferrals),
             waited_s=round(sum(d.waited_s for d in deferrals), 3),
+            realtime_cost_usd=(
+                round(sum(float(r["realtime_cost_usd"]) for r in priced), 10) if priced else None
+            ),
         )
 
 
@@ -307,6 +313,10 @@ class BatchOptions:
     poll_interval: float = 0.05
     # How often the run asks Redis which of its jobs are deferred, and on what.
     deferral_interval: float = 1.0
+    # Through the providers' Batch APIs (producer/batchapi.py): half price, up to 24 h.
+    batch_api: bool = False
+    # Batch API mode: seconds to wait for the results (None: until every one is in).
+    batch_wait: float | None = None
 
 
 class BatchListener(Protocol):
@@ -379,7 +389,10 @@ class BatchRun:
         )
         records: list[Record] = []
         with results if results else contextlib.nullcontext() as sink:
-            self._drive(app, todo, lambda record: self._record(record, sink, records))
+            if self.options.batch_api:
+                self._drive_batch_api(todo, lambda record: self._record(record, sink, records))
+            else:
+                self._drive(app, todo, lambda record: self._record(record, sink, records))
         return Report.of(
             skipped + records,
             skipped=len(skipped),
@@ -441,6 +454,56 @@ class BatchRun:
                             (now - flight.submitted) * 1000,
                         )
                     )
+
+    def _drive_batch_api(
+        self, todo: deque[tuple[Document, str]], record: Callable[[Record], None]
+    ) -> None:
+        """Hand every document to a batch-API run, then record results as they land."""
+        from producer import batchapi
+
+        app = self.app or _default_app()
+        options = self.options
+        started = time.monotonic()
+        waiting: dict[str, tuple[Document, str]] = {}
+        while todo:
+            document, digest = todo.popleft()
+            if document.error is not None:
+                record(_record_of(document, digest, {"error": document.error}, 0.0))
+                continue
+            key = batchapi.document_key(
+                digest, user_id=options.user_id, chunk_tokens=options.chunk_tokens
+            )
+            waiting[key] = (document, digest)
+        if not waiting:
+            return
+        owners = batchapi.start(
+            app,
+            [(key, doc.id, doc.text) for key, (doc, _) in waiting.items()],
+            options={
+                "user_id": options.user_id,
+                "words": options.words,
+                "model": options.model,
+                "chunk_tokens": options.chunk_tokens,
+            },
+            timeout=options.timeout,
+        )
+
+        def landed(key: str, result: Record) -> None:
+            document, digest = waiting[key]
+            record(_record_of(document, digest, result, (time.monotonic() - started) * 1000))
+
+        left = batchapi.await_results(
+            app,
+            owners,
+            on_result=landed,
+            stopping=lambda: self.stopping,
+            poll_interval=max(options.poll_interval, 0.2),
+            deadline=None if options.batch_wait is None else started + options.batch_wait,
+        )
+        # Still with the provider: the same command later picks them up (not run here).
+        todo.extend(waiting[key] for key in left)
+        if left and not self.stopping:
+            self.stop()
 
     def _submit(self, app: Celery, document: Document, digest: str) -> str:
         options = self.options
@@ -540,6 +603,12 @@ def _record_of(document: Document, digest: str, result: Record, latency_ms: floa
         "cost_usd": float(result.get("cost_usd") or 0.0),
         "latency_ms": round(latency_ms, 3),
         "error": result.get("error"),
+        # Batch API mode: what the same calls would have cost in real time.
+        **(
+            {"realtime_cost_usd": float(result["realtime_cost_usd"]), "batch_api": True}
+            if "realtime_cost_usd" in result
+            else {}
+        ),
     }
 
 

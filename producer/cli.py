@@ -47,13 +47,20 @@ def _summarize(args: argparse.Namespace) -> int:
             chunk_tokens=args.chunk_tokens,
             cache=False if args.no_cache else None,
             timeout=args.timeout,
+            batch_api=get_settings().batch_api if args.batch_api is None else args.batch_api,
         ),
         out=Path(args.out) if args.out else None,
         listener=view,
     )
+    from worker.errors import LLMQError
+
     try:
         with stop_on_signals(run, on_stop=view.stopping), view:
             report = run.run()
+    except LLMQError as exc:
+        # A run the workers refused as a whole (the Batch API mode's model, key, input).
+        print(f"llmq summarize: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from rich.text import Text
 
@@ -62,9 +69,56 @@ def _summarize(args: argparse.Namespace) -> int:
         console.print(Text(f"interrupted: the documents finished so far are saved{saved}"))
         return 130
     console.print(report_table(report))
+    if report.interrupted and run.options.batch_api:
+        console.print(
+            "the provider batches keep running: run the same command again to collect "
+            "their results (`llmq batches` shows them)"
+        )
     if report.interrupted:
         return 130
     return 1 if report.failed else 0
+
+
+def _batches(args: argparse.Namespace) -> int:
+    from worker.batchapi.listing import listing
+    from worker.connections import redis_client
+    from worker.settings import get_settings
+
+    rows = listing(redis_client(get_settings()))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no Batch API batches on record")
+    for row in rows:
+        eta = row["eta_seconds"]
+        print(
+            f"{row['batch']}  {row['provider']}:{row['provider_batch_id'] or '-'}  "
+            f"{row['state']}/{row['provider_state'] or '-'}  "
+            f"{row['done']}+{row['failed']} failed of {row['requests']}  "
+            f"cost ${row['cost_usd']:.6f} (real time ${row['realtime_cost_usd']:.6f}, "
+            f"reserved up to ${row['worst_case_usd']:.6f})  "
+            f"ETA {'-' if eta is None else f'{eta:,.0f}s'}"
+            + (f"  error: {row['error']}" if row["error"] else "")
+        )
+    return 0
+
+
+def _batches_cancel(args: argparse.Namespace) -> int:
+    from worker.app import app
+
+    try:
+        answer = app.send_task(
+            "llm.batchapi.cancel", kwargs={"batch": args.batch_id}, queue="batch"
+        ).get(timeout=args.timeout)
+    except Exception as exc:
+        print(f"llmq batches cancel: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"cancelling {answer['batch']} (provider state {answer['provider_state']}); its results "
+        "so far are still collected"
+    )
+    return 0
 
 
 def _positive(value: str) -> int:
@@ -272,7 +326,26 @@ def parser() -> argparse.ArgumentParser:
     summarize.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for one document"
     )
+    summarize.add_argument(
+        "--batch-api",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="through the providers' Batch APIs: half price, results within 24 h "
+        "(default: LLM_BATCH_API)",
+    )
     summarize.set_defaults(run=_summarize)
+
+    # batches (issue 16): the providers' Batch API batches of `summarize --batch-api`
+    batches = commands.add_parser("batches", help="Batch API batches: state, counts, cost, ETA")
+    batches.add_argument("--json", action="store_true", help="machine-readable output")
+    batches.set_defaults(run=_batches)
+    batch_commands = batches.add_subparsers(dest="batches_command")
+    cancel = batch_commands.add_parser(
+        "cancel", help="cancel a batch (llmq's or the provider's id)"
+    )
+    cancel.add_argument("batch_id", metavar="ID")
+    cancel.add_argument("--timeout", type=float, default=60.0)
+    cancel.set_defaults(run=_batches_cancel)
 
     # cost (cost issue)
     cost = commands.add_parser(

@@ -162,6 +162,11 @@ def report_table(report: Report) -> Table:
         ("latency P50 per document", ms(report.latency_p50_ms)),
         ("latency P95 per document", ms(report.latency_p95_ms)),
     ]
+    if report.realtime_cost_usd is not None:
+        saved = report.realtime_cost_usd - report.cost_usd
+        rows[9:9] = [
+            ("  in real time (Batch API saved)", f"${report.realtime_cost_usd:.6f} (${saved:.6f})")
+        ]
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -391,3 +391,60 @@ def test_prism_rejects_what_the_specs_forbid(mocks: dict[str, Mock]) -> None:
     assert anthropic.status_code == 422
     for mock in mocks.values():
         wait_for(lambda mock=mock: REJECTED in mock.text(), timeout=30, what="the rejection")
+
+
+def test_batch_api_requests_pass_the_specs(mocks: dict[str, Mock]) -> None:
+    """Every Batch API request llmq sends (worker/batchapi/clients.py), through both SDKs.
+
+    The clients are the workers' own, called here directly: Prism answers the specs'
+    examples (a batch already "completed" whose result URL points at the real
+    Anthropic API), which a whole run could not follow offline. The results downloads
+    are therefore exercised against the stateful fake only (tests/test_batchapi.py).
+    """
+    from worker.batchapi.clients import AnthropicBatches, OpenAIBatches
+    from worker.models import Message
+    from worker.providers.base import ProviderRequest
+
+    before = {flavour: len(mock.text()) for flavour, mock in mocks.items()}
+    clients = {
+        # Prism's paths: OpenAI's have no /v1, Anthropic's do.
+        "openai": OpenAIBatches(api_key="sk-test", base_url=mocks["openai"].url, timeout=15),
+        "anthropic": AnthropicBatches(
+            api_key="sk-ant-test", base_url=mocks["anthropic"].url, timeout=15
+        ),
+    }
+    sent: Counter[str] = Counter()
+    for flavour, client in clients.items():
+        model = "gpt-4o-mini" if flavour == "openai" else "claude-haiku-4-5"
+        request = ProviderRequest(
+            messages=[
+                Message(role="system", content="Summarize the document in about 40 words."),
+                Message(role="user", content="A document about CRDTs."),
+            ],
+            model=model,
+            max_tokens=80,
+            temperature=0.0,
+            timeout=15,
+        )
+        body = client.body(request)
+        batch_id = client.create(
+            [("d000000-l0-p00001", body), ("d000001-l0-p00001", body)], local_id="run-r0-b0"
+        )
+        assert batch_id
+        client.retrieve(batch_id)
+        client.cancel(batch_id)
+        client.recent()
+        # OpenAI: upload, create; both: retrieve, cancel, list.
+        sent[flavour] = 5 if flavour == "openai" else 4
+    for flavour, mock in mocks.items():
+        wait_for(
+            lambda mock=mock, flavour=flavour: (
+                verdicts(mock.text()[before[flavour] :]) >= sent[flavour]
+            ),
+            timeout=30,
+            what=f"prism's verdicts on {sent[flavour]} {flavour} batch requests",
+        )
+        log = mock.text()[before[flavour] :]
+        violations = [line for line in log.splitlines() if "Violation: request" in line]
+        assert REJECTED not in log and violations == [], f"{flavour}:\n" + "\n".join(violations)
+        assert log.count(PASSED) == sent[flavour]

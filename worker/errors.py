@@ -277,3 +277,15 @@ class AllProvidersFailedError(LLMQError):
 
 class DeadlineExceededError(AllProvidersFailedError):
     """The job ran out of its overall deadline (LLM_JOB_DEADLINE_SECONDS) before any answer."""
+
+
+class BatchRequestFailedError(LLMQError):
+    """One request of a provider batch failed; the message is the provider's own."""
+
+
+class BatchNotRunError(LLMQError):
+    """A provider batch ended (expired, failed, cancelled) before running this request."""
+
+
+class BatchAmbiguousError(LLMQError):
+    """A batch's creation was interrupted and the provider's list cannot say if it exists."""

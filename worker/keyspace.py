@@ -168,3 +168,84 @@ def deferrals(user_id: str) -> str:
 def latency(metric: str) -> str:
     """Fleet-wide samples of one latency metric."""
     return LATENCY + metric
+
+
+# The providers' Batch APIs (worker/batchapi/): runs, provider batches, per-document claims.
+BATCH_API = f"{ROOT}:batchapi"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRunKeys:
+    """One `llmq summarize --batch-api` run, as the workers drive it."""
+
+    run_id: str
+
+    @property
+    def base(self) -> str:
+        """Every key of the run starts with this."""
+        return f"{BATCH_API}:run:{self.run_id}"
+
+    @property
+    def meta(self) -> str:
+        """Hash: user, provider, model, words, state, the current round."""
+        return self.base
+
+    @property
+    def docs(self) -> str:
+        """Hash: document key -> where its reduction stands (JSON)."""
+        return f"{self.base}:docs"
+
+    @property
+    def results(self) -> str:
+        """Hash: document key -> its final DocumentSummary (JSON)."""
+        return f"{self.base}:results"
+
+    @property
+    def answers(self) -> str:
+        """Hash: custom_id -> the request's answer or error (JSON)."""
+        return f"{self.base}:answers"
+
+    def round(self, number: int) -> str:
+        """Hash: custom_id -> the request of that round (JSON), written before any batch."""
+        return f"{self.base}:round:{number}"
+
+    def ended(self, number: int) -> str:
+        """Set: the round's provider batches whose results are all recorded."""
+        return f"{self.base}:round:{number}:ended"
+
+    @property
+    def lock(self) -> str:
+        """Held by the one task advancing the run to its next round."""
+        return f"{self.base}:lock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderBatchKeys:
+    """One provider batch of a run: intent, id, state, counts, cost."""
+
+    local_id: str
+
+    @property
+    def state(self) -> str:
+        """Hash: the batch's record, written before the provider's batch is created."""
+        return f"{BATCH_API}:batch:{self.local_id}"
+
+    @property
+    def settled(self) -> str:
+        """Set: the custom_ids already charged (a result is never charged twice)."""
+        return f"{BATCH_API}:batch:{self.local_id}:settled"
+
+    @property
+    def lock(self) -> str:
+        """Held by the one task creating or polling the batch."""
+        return f"{BATCH_API}:batch:{self.local_id}:lock"
+
+
+BATCH_INDEX = f"{BATCH_API}:batches"
+# Every provider batch id a run has recorded, to tell an unrecorded one apart.
+BATCH_PROVIDER_IDS = f"{BATCH_API}:provider-ids"
+
+
+def batch_doc_claim(document_key: str) -> str:
+    """Which run owns a document (its content, options and user), so no run pays twice."""
+    return f"{BATCH_API}:doc:{document_key}"

@@ -218,6 +218,23 @@ class Settings(BaseSettings):
     batch_concurrency: int = Field(
         16, ge=1, le=10_000, validation_alias=_env("LLM_BATCH_CONCURRENCY")
     )
+    # The providers' Batch APIs (issue 16): half price, up to 24 h (worker/batchapi/).
+    batch_api: bool = Field(False, validation_alias=_env("LLM_BATCH_API"))
+    # Between polls of one provider batch; capped below the visibility timeout.
+    batch_api_poll_seconds: float = Field(
+        60.0, gt=0, le=3600, validation_alias=_env("LLM_BATCH_API_POLL_SECONDS")
+    )
+    # Smaller batches than the providers' own limits (None: the provider's limit).
+    batch_api_max_requests: int | None = Field(
+        None, ge=1, le=100_000, validation_alias=_env("LLM_BATCH_API_MAX_REQUESTS")
+    )
+    batch_api_max_bytes: int | None = Field(
+        None, ge=1024, validation_alias=_env("LLM_BATCH_API_MAX_BYTES")
+    )
+    # How long a submitted batch's worst case stays reserved in the daily budget.
+    batch_api_reservation_ttl: int = Field(
+        26 * 3600, ge=60, validation_alias=_env("LLM_BATCH_API_RESERVATION_TTL")
+    )
 
     # Redis, Celery
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))

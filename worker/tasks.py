@@ -214,3 +214,7 @@ def _note_deferral(
         DeferralLog(redis_client(settings)).record(str(job.get("user_id")), deferral)
     except redis.RedisError:
         logs.job_logger.warning("llm_deferral_not_noted", extra={"event": "llm_deferral_not_noted"})
+
+
+# The Batch API mode's tasks (issue 16) register on import, after the names they use.
+import worker.batchapi.tasks  # noqa: E402, F401

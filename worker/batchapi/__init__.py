@@ -1,0 +1,1 @@
+"""Half-price summarization through the providers' Batch APIs (issue 16)."""
