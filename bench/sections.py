@@ -17,6 +17,7 @@ from typing import Any
 from celery.result import ResultSet
 
 from bench.environment import Environment
+from bench.profile import Profile, py_spy, record
 from bench.report import Report, ms
 from bench.workloads import batch, cache_hits, limiter
 from tests.harness import Monitor
@@ -130,6 +131,7 @@ def overhead(env: Environment, report: Report) -> None:
         name: _commands_per_job(env, send, 10 if env.quick else 100)
         for name, send in (("llm.complete", pipeline_job), ("bare", bare_job))
     }
+    profiles = _profiles(env, worker.process.pid, pipeline_job, bare_job)
     env.stop_worker(worker)
 
     full = {name: _quantiles(values) for name, values in timings.items()}
@@ -157,6 +159,80 @@ def overhead(env: Environment, report: Report) -> None:
         f"{ours:.2f} (target at most 3: {'met' if ours <= 3 else 'MISSED'}); Celery's and "
         f"kombu's {celery:.1f} for llm.complete and {trips['bare'][1]:.1f} for the bare task."
     )
+    _cpu_profile(report, profiles, cpu)
+
+
+# What would close each package's share of the added CPU, for the profile's notes.
+_REMEDIES = {
+    "llmq": "llmq's own Python per job (pipeline steps, guard, metering, log fields): "
+    "fewer intermediate objects, one encoding of the messages shared by the fingerprint, "
+    "the cache key and the scripts' arguments",
+    "pydantic": "validating the job, the provider request and the result as three models; "
+    "one validation of the job and plain dataclasses after it would remove most of it",
+    "stdlib:json": "JSON encoding of the same messages several times (fingerprint, cache "
+    "key, Lua arguments, log record): encode once and reuse the bytes",
+    "pythonjsonlogger": "the llm_call and llm_job JSON records: one record per job, or a "
+    "faster encoder (orjson) behind python-json-logger",
+    "stdlib:logging": "two log records per job through logging's handlers and filters",
+    "redis": "redis-py packing commands and parsing replies: Celery's broker and result "
+    "backend traffic is in both columns; the added part is llmq's two scripts and the "
+    "larger result it stores, which hiredis (a C parser redis-py uses when installed) "
+    "would shrink",
+    "tiktoken": "exact pre-flight counting: cache the count of a repeated system message",
+    "hashlib": "hashing the messages for the fingerprint and the cache key: hash once",
+}
+
+
+def _profiles(
+    env: Environment, pid: int, pipeline_job: Callable[[int], Any], bare_job: Callable[[int], Any]
+) -> dict[str, Profile] | str:
+    """py-spy profiles of the worker running each kind of job, or why there are none."""
+    if py_spy() is None:
+        return "py-spy is not installed (`pip install py-spy`)"
+    jobs = 20 if env.quick else 400
+    found: dict[str, Profile] = {}
+    try:
+        for name, send in (("llm.complete", pipeline_job), ("bare", bare_job)):
+
+            def run(send: Callable[[int], Any] = send) -> None:
+                for i in range(jobs):
+                    send(30_000_000 + i).get(timeout=30)
+
+            found[name] = record(pid, run, out=env.base / f"profile-{name.split('.')[0]}.txt")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return f"py-spy could not sample the worker: {exc}"
+    return found
+
+
+def _cpu_profile(report: Report, profiles: dict[str, Profile] | str, cpu: dict[str, float]) -> None:
+    """Where the worker's CPU per job goes, by package, for llm.complete and the bare task."""
+    section = report.section(
+        "1b. Where the added CPU goes",
+        "py-spy samples (200/s, every thread, idle excluded) of the same worker while it runs "
+        "the overhead section's jobs one at a time, each sample charged to the package of its "
+        "innermost frame; ms per job = the package's share of samples x the CPU per job "
+        "measured above. Celery's, kombu's and the SDK's work appears in both columns.",
+        ["package", "llm.complete ms/job", "bare ms/job", "added ms/job"],
+    )
+    if isinstance(profiles, str):
+        section.notes.append(f"No profile: {profiles}.")
+        return
+    ours, bare = profiles["llm.complete"], profiles["bare"]
+    rows = []
+    for package in set(ours.by_package) | set(bare.by_package):
+        mine = ours.share(package) * cpu["llm.complete"]
+        theirs = bare.share(package) * cpu["bare"]
+        rows.append((mine - theirs, package, mine, theirs))
+    rows.sort(reverse=True)
+    for added, package, mine, theirs in rows[:12]:
+        section.rows.append([f"`{package}`", f"{mine:.2f}", f"{theirs:.2f}", f"{added:+.2f}"])
+    section.notes.append(
+        f"Samples: {ours.total:,} (llm.complete), {bare.total:,} (bare). CPU per job: "
+        f"{cpu['llm.complete']:.2f} ms vs {cpu['bare']:.2f} ms."
+    )
+    for added, package, _, _ in rows[:4]:
+        if added > 0.05 and package in _REMEDIES:
+            section.notes.append(f"`{package}` (+{added:.2f} ms): {_REMEDIES[package]}.")
 
 
 def concurrency(env: Environment, report: Report) -> None:

@@ -27,6 +27,7 @@ def test_quick_benchmark_runs_every_section(tmp_path: Path) -> None:
         "## Machine",
         "own ceiling",
         "1. Pipeline overhead",
+        "1b. Where the added CPU goes",
         "2. I/O concurrency",
         "3. Cache hits",
         "4. Batch summarization under a provider rate limit",
@@ -34,6 +35,9 @@ def test_quick_benchmark_runs_every_section(tmp_path: Path) -> None:
     ):
         assert title in report
     assert "**added by llmq**" in report
+    # py-spy is a dev dependency: the profile that explains a miss must be there.
+    assert "No profile:" not in report
+    assert re.search(r"\| `llmq` \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|", report)
     assert "speed-up vs Celery no-op" in report
     assert "**wall / ideal**" in report
     assert "| documents (succeeded / failed) | 3 / 0 |" in report
