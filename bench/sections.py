@@ -174,10 +174,10 @@ _REMEDIES = {
     "pythonjsonlogger": "the llm_call and llm_job JSON records: one record per job, or a "
     "faster encoder (orjson) behind python-json-logger",
     "stdlib:logging": "two log records per job through logging's handlers and filters",
-    "redis": "redis-py packing commands and parsing replies: Celery's broker and result "
-    "backend traffic is in both columns; the added part is llmq's two scripts and the "
-    "larger result it stores, which hiredis (a C parser redis-py uses when installed) "
-    "would shrink",
+    "redis": "redis-py packing commands and handling replies (parsed in C by hiredis): "
+    "Celery's broker and result backend traffic is in both columns; the added part is "
+    "llmq's two scripts and the larger result it stores; fewer, smaller values in the "
+    "settlement would shrink it",
     "tiktoken": "exact pre-flight counting: cache the count of a repeated system message",
     "hashlib": "hashing the messages for the fingerprint and the cache key: hash once",
 }
