@@ -189,7 +189,7 @@ def _profiles(
     """py-spy profiles of the worker running each kind of job, or why there are none."""
     if py_spy() is None:
         return "py-spy is not installed (`pip install py-spy`)"
-    jobs = 20 if env.quick else 400
+    jobs = 60 if env.quick else 400
     found: dict[str, Profile] = {}
     try:
         for name, send in (("llm.complete", pipeline_job), ("bare", bare_job)):

@@ -37,7 +37,8 @@ def test_quick_benchmark_runs_every_section(tmp_path: Path) -> None:
     assert "**added by llmq**" in report
     # py-spy is a dev dependency: the profile that explains a miss must be there.
     assert "No profile:" not in report
-    assert re.search(r"\| `llmq` \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|", report)
+    assert re.search(r"\| `[\w:.-]+` \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|", report)
+    assert re.search(r"Samples: [1-9][\d,]* \(llm.complete\), [1-9][\d,]* \(bare\)", report)
     assert "speed-up vs Celery no-op" in report
     assert "**wall / ideal**" in report
     assert "| documents (succeeded / failed) | 3 / 0 |" in report
