@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -193,11 +194,7 @@ def _profiles(
     found: dict[str, Profile] = {}
     try:
         for name, send in (("llm.complete", pipeline_job), ("bare", bare_job)):
-
-            def run(send: Callable[[int], Any] = send) -> None:
-                for i in range(jobs):
-                    send(30_000_000 + i).get(timeout=30)
-
+            run = functools.partial(_one_at_a_time, send, jobs, first=30_000_000)
             found[name] = record(pid, run, out=env.base / f"profile-{name.split('.')[0]}.txt")
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return f"py-spy could not sample the worker: {exc}"
@@ -320,6 +317,12 @@ def concurrency(env: Environment, report: Report) -> None:
     section.notes += failures
 
 
+def _one_at_a_time(send: Callable[[int], Any], jobs: int, *, first: int) -> None:
+    """Run `jobs` jobs one after another, numbered from `first` (distinct prompts)."""
+    for i in range(first, first + jobs):
+        send(i).get(timeout=30)
+
+
 def _cpu_seconds(pid: int) -> float:
     """User plus system CPU of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -329,8 +332,7 @@ def _cpu_seconds(pid: int) -> float:
 def _cpu_ms_per_job(pid: int, send: Callable[[int], Any], jobs: int) -> float:
     """Worker CPU per job over `jobs` jobs run one after another."""
     before = _cpu_seconds(pid)
-    for i in range(jobs):
-        send(10_000_000 + i).get(timeout=30)
+    _one_at_a_time(send, jobs, first=10_000_000)
     return (_cpu_seconds(pid) - before) * 1000 / jobs
 
 
@@ -340,8 +342,7 @@ def _commands_per_job(
     """(llmq's own, everyone else's) top-level Redis commands per job, by MONITOR."""
     monitor = Monitor(env.redis)
     try:
-        for i in range(jobs):
-            send(20_000_000 + i).get(timeout=30)
+        _one_at_a_time(send, jobs, first=20_000_000)
         seen = list(monitor.seen)
         names = monitor.names()
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 import uuid
@@ -24,8 +23,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
+
+from tests.fakes import serve
 
 USAGE_IN = 11
 # What a Message Batches request's params may hold (the Messages API's body).
@@ -82,11 +82,7 @@ class FakeBatches:
     """The fake server; `reset()` between tests."""
 
     def __init__(self) -> None:
-        self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-        self.server.expect_request(re.compile(".*")).respond_with_handler(self._handle)
-        self.server.start()
-        assert self.server.server is not None
-        self.server.server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server = serve(self._handle)
         self._lock = threading.Lock()
         self.reset()
 

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,15 +51,22 @@ class Seen:
     at: float
 
 
+def serve(handler: Callable[[Request], Response]) -> HTTPServer:
+    """A threaded HTTP server on 127.0.0.1 that sends every request to `handler`."""
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.expect_request(re.compile(".*")).respond_with_handler(handler)
+    server.start()
+    assert server.server is not None
+    # Write headers and body without Nagle's 40 ms stall (accepted sockets inherit it).
+    server.server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server
+
+
 class FakeProvider:
     """The fake server and its knobs; `reset()` between tests."""
 
     def __init__(self) -> None:
-        self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-        self.server.expect_request(re.compile(".*")).respond_with_handler(self._handle)
-        self.server.start()
-        # Write headers and body without Nagle's 40 ms stall (accepted sockets inherit it).
-        self.server.server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server = serve(self._handle)
         self._lock = threading.Lock()
         self.reset()
 

@@ -57,10 +57,11 @@ def started_by(run: subprocess.Popen[str], *marks: str) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        state, session = stat.rsplit(")", 1)[1].split()[0], int(stat.rsplit(")", 1)[1].split()[4])
+        # After the command name: state, ppid, pgrp, session.
+        state, _, _, session = stat.rsplit(")", 1)[1].split()[:4]
         if state == "Z":
             continue
-        if session == run.pid or any(mark in cmdline for mark in marks):
+        if int(session) == run.pid or any(mark in cmdline for mark in marks):
             found.append(f"{entry.name}: {cmdline}")
     return found
 
